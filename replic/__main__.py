@@ -1,0 +1,5 @@
+import sys
+
+from replic.cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""ResNet backbone with frozen BatchNorm, as DETR / Conditional DETR.
+
+The module tree reproduces the official state-dict names: the detector holds
+``backbone = Joiner(Backbone, PositionEmbeddingSine)`` so the ResNet weights live under
+``backbone.0.body.{conv1,bn1,layer1..layer4}.*`` (torchvision names, no ``fc``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+from replic.models.position_encoding import PositionEmbeddingSine
+
+# Stage name in torchvision → level name returned by the detector.
+_LEVELS = {"layer1": "C2", "layer2": "C3", "layer3": "C4", "layer4": "C5"}
+
+_TORCHVISION_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine terms (4 buffers, no parameters).
+
+    y = x · w / sqrt(running_var + eps) + (b − running_mean · w / sqrt(running_var + eps)),
+    eps = 1e-5. ``num_batches_tracked`` entries of ordinary BatchNorm state dicts are dropped
+    on load.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # noqa: D401 - torch hook signature
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _load_resnet_weights(resnet: nn.Module, name: str, pretrained: str) -> None:
+    """Load ImageNet weights into ``resnet`` as ``pretrained`` asks ("none" does nothing)."""
+    if pretrained == "none":
+        return
+    if pretrained == "torchvision":
+        # Uses the torch hub cache ($TORCH_HOME); downloads the file if it is not cached.
+        weights = getattr(torchvision.models, _TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1
+        state = weights.get_state_dict(progress=False)
+        source = f"torchvision {weights}"
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained_backbone: file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        if not isinstance(state, dict):
+            raise ValueError(f"pretrained_backbone: {path} does not hold a state dict")
+        source = str(path)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    result = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"pretrained_backbone: {source} does not match torchvision {name}: "
+            f"missing keys {missing[:10]}{' …' if len(missing) > 10 else ''} ({len(missing)}), "
+            f"unexpected keys {result.unexpected_keys[:10]}"
+            f"{' …' if len(result.unexpected_keys) > 10 else ''} ({len(result.unexpected_keys)})")
+
+
+class Backbone(nn.Module):
+    """torchvision ResNet body returning the requested stages (always C5).
+
+    Stem (conv1/bn1) and layer1 never train; with ``train_backbone=False`` nothing does.
+    """
+
+    def __init__(self, name: str = "resnet50", train_backbone: bool = True, dilation: bool = False,
+                 pretrained: str = "none", levels: tuple[str, ...] = ("C5",)) -> None:
+        super().__init__()
+        if name not in _TORCHVISION_WEIGHTS:
+            raise ValueError(f"backbone: unknown ResNet {name!r}; choose from {sorted(_TORCHVISION_WEIGHTS)}")
+        resnet = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
+        _load_resnet_weights(resnet, name, pretrained)
+        for pname, param in resnet.named_parameters():
+            trainable = train_backbone and any(s in pname for s in ("layer2", "layer3", "layer4"))
+            param.requires_grad_(trainable)
+        wanted = set(levels) | {"C5"}
+        return_layers = {stage: level for stage, level in _LEVELS.items() if level in wanted}
+        self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
+        self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        self.levels = tuple(level for level in _LEVELS.values() if level in wanted)
+
+    def forward(self, images: Tensor, mask: Tensor) -> OrderedDict[str, tuple[Tensor, Tensor]]:
+        """images (B, 3, H, W), mask (B, H, W) True = pad → {level: (feature, mask at its size)}."""
+        out: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        for level, feature in self.body(images).items():
+            # Nearest-neighbour on a float copy, then back to bool, as the official code.
+            level_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
+            out[level] = (feature, level_mask)
+        return out
+
+
+class Joiner(nn.Sequential):
+    """``backbone.0`` = the ResNet body, ``backbone.1`` = the (parameter-free) position encoding."""
+
+    def __init__(self, backbone: Backbone, position_embedding: PositionEmbeddingSine) -> None:
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+
+    def forward(self, images: Tensor, mask: Tensor) -> tuple[OrderedDict[str, tuple[Tensor, Tensor]], Tensor]:
+        """→ ({level: (feature, mask)}, position encoding of C5 (B, D, H, W))."""
+        features = self[0](images, mask)
+        _, c5_mask = features["C5"]
+        pos = self[1](c5_mask).to(features["C5"][0].dtype)
+        return features, pos

@@ -65,18 +65,18 @@ class AttentionResult:
 def uses_softmax_classifier(model: torch.nn.Module, num_logits: int) -> bool:
     """True for DETR's softmax + no-object logit, False for sigmoid/focal classifiers.
 
-    Decided from the model config when the model exposes one; otherwise from the
-    logit count (num_classes + 1 ⇒ softmax).
+    Read from the Detector's ``focal_loss`` flag; failing that, from a ``num_classes``
+    attribute and the logit count (num_classes + 1 ⇒ softmax).
     """
-    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-    if hasattr(cfg, "resolved"):
-        return not bool(cfg.resolved().focal_loss)
-    num_classes = getattr(cfg, "num_classes", None) or getattr(model, "num_classes", None)
+    focal = getattr(model, "focal_loss", None)
+    if isinstance(focal, bool):
+        return not focal
+    num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int):
         return num_logits == num_classes + 1
     raise ValueError(
-        "cannot tell whether the model's classifier is softmax or sigmoid: it exposes neither "
-        "a config nor num_classes"
+        "cannot tell whether the model's classifier is softmax or sigmoid: it has neither a "
+        "focal_loss flag nor num_classes; pass softmax= explicitly"
     )
 
 

@@ -124,7 +124,12 @@ def load_model_for_viz(
     model_cfg = dataclasses.replace(model_cfg, pretrained_backbone="none")
     model = build_model(model_cfg)
     state = model_state_from_checkpoint(data, path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(
+            f"{path}: weights do not match the model config ({model_cfg.arch}, {model_cfg.backbone}): {err}"
+        ) from err
     if missing or unexpected:
         raise ValueError(
             f"{path}: weights do not match the model config ({model_cfg.arch}, {model_cfg.backbone}): "

@@ -1,31 +1,45 @@
 """Data layer: synthetic COCO generator, COCO subsets, the dataset class, transforms, collate.
 
 See docs/architecture.md, "Data contract", for the item and batch formats.
+Names are imported lazily (PEP 562) so ``replic --help`` and ``replic data synth``
+do not pay for importing torch/torchvision.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from replic.data.coco import CocoDetection, DatasetError, load_coco_index, num_classes_for
-from replic.data.collate import Batch, collate_fn
-from replic.data.config import DataConfig
-from replic.data.synth import generate_synthetic_coco
-from replic.data.transforms import make_transforms
+if TYPE_CHECKING:
+    from replic.data.coco import CocoDetection, DatasetError, load_coco_index, num_classes_for
+    from replic.data.collate import Batch, collate_fn
+    from replic.data.config import DataConfig
+    from replic.data.synth import generate_synthetic_coco
+    from replic.data.transforms import make_transforms
 
-__all__ = [
-    "Batch",
-    "CocoDetection",
-    "DataConfig",
-    "DatasetError",
-    "annotation_file",
-    "build_dataset",
-    "collate_fn",
-    "generate_synthetic_coco",
-    "load_coco_index",
-    "make_transforms",
-    "num_classes_for",
-]
+_LAZY = {
+    "Batch": "replic.data.collate",
+    "collate_fn": "replic.data.collate",
+    "CocoDetection": "replic.data.coco",
+    "DatasetError": "replic.data.coco",
+    "load_coco_index": "replic.data.coco",
+    "num_classes_for": "replic.data.coco",
+    "DataConfig": "replic.data.config",
+    "generate_synthetic_coco": "replic.data.synth",
+    "make_transforms": "replic.data.transforms",
+}
+
+__all__ = sorted([*_LAZY, "annotation_file", "build_dataset"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'replic.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 def annotation_file(cfg: DataConfig, split: str) -> Path:
@@ -43,6 +57,9 @@ def _split_folder(cfg: DataConfig, split: str) -> str:
 
 def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     """The dataset of ``split`` ("train" or "val") under ``cfg.root``, with the recipe's transforms."""
+    from replic.data.coco import CocoDetection
+    from replic.data.transforms import make_transforms
+
     folder = _split_folder(cfg, split)
     return CocoDetection(
         Path(cfg.root) / folder,

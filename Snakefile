@@ -1,0 +1,49 @@
+# replic: every reproduced paper table from one command.
+#
+#   snakemake --cores all results/table_cdetr_ablations.csv        # smoke scale, tiny data, CPU
+#   snakemake --profile slurm --config scale=paper coco_root=/data/coco results/table_conditional_detr.csv
+#   snakemake --report results/report.html                         # tables + figures as HTML
+#
+# The DAG is derived from the table registry (configs/tables.yaml): each table's rows
+# name experiments; each (scale, experiment) is trained once and evaluated once, and a
+# gather job turns the evaluations into results/table_<name>.{csv,md,provenance.json}
+# plus figures. See workflow/README.md.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+if config.get("scale") == "paper" and not config.get("coco_root"):
+    # Say what to type rather than a schema dump.
+    raise ValueError(
+        "scale=paper needs the COCO 2017 root: --config scale=paper coco_root=/path/to/coco "
+        "(with annotations/instances_{train,val}2017.json, train2017/, val2017/)"
+    )
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/runs.smk"
+include: "workflow/rules/tables.smk"
+
+
+# Cheap bookkeeping runs on the submitting host, not as cluster jobs.
+localrules:
+    all,
+    check_data,
+    scale_overlay,
+    table,
+
+
+rule all:
+    """Every paper table (test-only tables such as smoke_ci are built only on request)."""
+    input:
+        [table_outputs(name) for name in PAPER_TABLES],
+    default_target: True

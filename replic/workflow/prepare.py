@@ -1,0 +1,110 @@
+"""Workflow steps that prepare a scale: check a COCO directory layout, write the scale overlay.
+
+Run by the Snakefile as ``python -m replic.workflow.prepare {check-coco,overlay} ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from replic.config import deep_merge, load_yaml
+
+SPLITS: tuple[str, ...] = ("train2017", "val2017")
+
+
+def coco_layout_problems(root: str | Path) -> list[str]:
+    """What is missing from a COCO 2017 layout at ``root`` (empty list: the layout is complete)."""
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root} is not a directory"]
+    problems = []
+    for split in SPLITS:
+        ann = root / "annotations" / f"instances_{split}.json"
+        if not ann.is_file():
+            problems.append(f"missing annotation file {ann}")
+        if not (root / split).is_dir():
+            problems.append(f"missing image folder {root / split}/")
+    return problems
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_coco(root: str | Path, out: str | Path) -> int:
+    """Check the layout at ``root``; on success write a stamp JSON naming the annotation files."""
+    problems = coco_layout_problems(root)
+    if problems:
+        print(
+            f"COCO layout check failed for coco_root={root}:\n  - " + "\n  - ".join(problems)
+            + "\nExpected: annotations/instances_{train,val}2017.json, train2017/, val2017/ "
+            "(set it with --config coco_root=/path/to/coco)",
+            file=sys.stderr,
+        )
+        return 1
+    root = Path(root).resolve()
+    stamp = {
+        "root": str(root),
+        "annotations": {
+            split: {
+                "path": str(root / "annotations" / f"instances_{split}.json"),
+                "bytes": (root / "annotations" / f"instances_{split}.json").stat().st_size,
+            }
+            for split in SPLITS
+        },
+    }
+    write_atomic(out, json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def scale_overlay(scale: str, data_root: str, scales_dir: str | Path) -> dict[str, Any]:
+    """The overlay the workflow passes as ``--scale``: the named scale's file + the data root.
+
+    Training is told not to evaluate at the end: the workflow evaluates in its own job
+    (own resources, and DC5 models at 1 image per GPU) so it is not done twice.
+    """
+    base_path = Path(scales_dir) / f"{scale}.yaml"
+    base = load_yaml(base_path) if base_path.is_file() else {}
+    return deep_merge(base, {"scale": scale, "data": {"root": data_root}, "train": {"eval_at_end": False}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m replic.workflow.prepare", description=__doc__)
+    sub = parser.add_subparsers(dest="step", required=True)
+    check = sub.add_parser("check-coco", help="check a COCO 2017 directory layout")
+    check.add_argument("--root", required=True)
+    check.add_argument("--out", required=True, help="stamp JSON written on success")
+    overlay = sub.add_parser("overlay", help="write the scale overlay YAML")
+    overlay.add_argument("--scale", required=True)
+    overlay.add_argument("--data-root", required=True)
+    overlay.add_argument("--scales-dir", required=True)
+    overlay.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.step == "check-coco":
+        return check_coco(args.root, args.out)
+    data = scale_overlay(args.scale, args.data_root, args.scales_dir)
+    write_atomic(args.out, yaml.safe_dump(data, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

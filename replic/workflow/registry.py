@@ -1,0 +1,221 @@
+"""The table registry (``configs/tables.yaml``): paper tables → rows → experiment + published numbers.
+
+The Snakefile derives its whole DAG from this registry, so it is loaded strictly
+(unknown keys, unknown metric names, duplicate row ids and missing experiment
+configs are errors naming the table and row) before any job is scheduled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replic.config import ConfigError, from_dict, load_yaml
+
+#: Metrics measured by ``replic eval`` (fractions there, AP points in tables).
+MEASURED_METRICS: tuple[str, ...] = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)
+#: Numbers the paper reports that replic does not re-measure.
+PAPER_ONLY_METRICS: tuple[str, ...] = ("GFLOPs", "params_M")
+SCALES: tuple[str, ...] = ("smoke", "paper")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+
+
+@dataclass
+class Row:
+    """One row of a paper table: the experiment that fills it and what the paper reports."""
+
+    id: str
+    label: str
+    source: str
+    experiment: str | None = None  # None: a cited baseline that is not re-run
+    epochs: int | None = None
+    group: str | None = None
+    inferred: bool = False
+    note: str | None = None
+    paper: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    """A paper table: its rows and the metric columns compared with ours."""
+
+    title: str
+    source: str
+    metrics: list[str]
+    rows: list[Row]
+    paper_only: list[str] = field(default_factory=list)
+    test_only: bool = False
+
+
+@dataclass
+class JobCompute:
+    """Resources of one job kind (train or eval) at one scale."""
+
+    gpu: int = 0
+    threads: int | None = None
+    cpus_per_gpu: int | None = None
+    mem_mb: int = 2000
+    runtime: int | None = None  # minutes; fixed
+    minutes_per_epoch: float | None = None  # or estimated from the epochs
+    max_runtime: int | None = None  # cap (minutes); longer runs resume on retry
+
+    def validate(self) -> None:
+        if self.gpu < 0 or self.mem_mb <= 0:
+            raise ConfigError("gpu must be >= 0 and mem_mb > 0")
+        if (self.runtime is None) == (self.minutes_per_epoch is None):
+            raise ConfigError("give exactly one of runtime and minutes_per_epoch")
+        if self.threads is None and self.cpus_per_gpu is None:
+            raise ConfigError("give threads or cpus_per_gpu")
+        if self.cpus_per_gpu is not None and self.gpu == 0:
+            raise ConfigError("cpus_per_gpu needs gpu > 0")
+
+
+@dataclass
+class Factor:
+    """Multipliers applied to an experiment with a given trait (e.g. dc5, r101)."""
+
+    runtime: float = 1.0
+    mem_mb: float = 1.0
+
+
+@dataclass
+class ScaleCompute:
+    train: JobCompute
+    eval: JobCompute
+    factors: dict[str, Factor] = field(default_factory=dict)
+
+
+@dataclass
+class Registry:
+    """The whole registry file."""
+
+    version: int
+    paper: str
+    tables: dict[str, Table]
+    compute: dict[str, ScaleCompute]
+
+    def validate(self) -> None:
+        if self.version != 1:
+            raise ConfigError(f"version: only 1 is supported, got {self.version}")
+        missing = [s for s in SCALES if s not in self.compute]
+        if missing or set(self.compute) - set(SCALES):
+            raise ConfigError(f"compute: need exactly the scales {list(SCALES)}, got {sorted(self.compute)}")
+        for name, table in self.tables.items():
+            _validate_table(name, table)
+
+    def table(self, name: str) -> Table:
+        """The table called ``name``, or a ConfigError listing the known ones."""
+        if name not in self.tables:
+            raise ConfigError(f"unknown table '{name}'; registered: {sorted(self.tables)}")
+        return self.tables[name]
+
+    def experiments(self, tables: list[str] | None = None) -> list[str]:
+        """Distinct experiments needed by ``tables`` (default: all), sorted: each is run once."""
+        names = self.tables if tables is None else tables
+        return sorted({row.experiment for t in names for row in self.table(t).rows if row.experiment})
+
+    def resources(self, experiment: str, scale: str, job: str, epochs: int | None = None) -> dict[str, int]:
+        """Snakemake resources (``gpu``, ``threads``, ``mem_mb``, ``runtime`` minutes) of one job.
+
+        ``job`` is ``"train"`` or ``"eval"``. Paper-scale runtimes grow with the epochs
+        and with the factors of the experiment's traits (:func:`experiment_traits`).
+        """
+        if scale not in self.compute:
+            raise ConfigError(f"unknown scale '{scale}'; known: {sorted(self.compute)}")
+        spec: JobCompute = getattr(self.compute[scale], job)
+        factors = self.compute[scale].factors
+        runtime_factor = mem_factor = 1.0
+        for trait in experiment_traits(experiment):
+            if trait in factors:
+                runtime_factor *= factors[trait].runtime
+                mem_factor *= factors[trait].mem_mb
+        if spec.runtime is not None:
+            runtime = spec.runtime * runtime_factor
+        else:
+            epochs = epochs if epochs is not None else experiment_epochs(experiment)
+            if epochs is None:
+                raise ConfigError(
+                    f"experiment '{experiment}': cannot estimate the runtime (no '<N>ep' in its name)"
+                )
+            runtime = spec.minutes_per_epoch * epochs * runtime_factor
+        if spec.max_runtime is not None:
+            runtime = min(runtime, spec.max_runtime)
+        threads = spec.threads if spec.threads is not None else spec.cpus_per_gpu * spec.gpu
+        return {
+            "gpu": spec.gpu,
+            "threads": threads,
+            "mem_mb": int(math.ceil(spec.mem_mb * mem_factor)),
+            "runtime": int(math.ceil(runtime)),
+        }
+
+
+def _validate_table(name: str, table: Table) -> None:
+    where = f"tables.{name}"
+    if not _NAME.match(name):
+        raise ConfigError(f"{where}: table names are lower_snake_case (they become file names)")
+    if not table.rows:
+        raise ConfigError(f"{where}.rows: a table needs at least one row")
+    for key, allowed in (("metrics", MEASURED_METRICS), ("paper_only", PAPER_ONLY_METRICS)):
+        for metric in getattr(table, key):
+            if metric not in allowed:
+                raise ConfigError(f"{where}.{key}: unknown metric '{metric}'; allowed: {list(allowed)}")
+    columns = set(table.metrics) | set(table.paper_only)
+    seen: set[str] = set()
+    for i, row in enumerate(table.rows):
+        here = f"{where}.rows[{i}] (id '{row.id}')"
+        if not _NAME.match(row.id):
+            raise ConfigError(f"{here}: row ids are lower_snake_case")
+        if row.id in seen:
+            raise ConfigError(f"{here}: duplicate row id")
+        seen.add(row.id)
+        if row.experiment is not None and not _NAME.match(row.experiment):
+            raise ConfigError(f"{here}.experiment: '{row.experiment}' is not a valid experiment name")
+        for metric, value in row.paper.items():
+            if metric not in columns:
+                raise ConfigError(
+                    f"{here}.paper: metric '{metric}' is not a column of this table {sorted(columns)}"
+                )
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ConfigError(f"{here}.paper.{metric}: expected a number or null, got {value!r}")
+
+
+def experiment_traits(experiment: str) -> set[str]:
+    """Traits read from an experiment name's ``_``-separated tokens (``dc5``, ``r101``, ``50ep``)."""
+    return set(experiment.split("_"))
+
+
+def experiment_epochs(experiment: str) -> int | None:
+    """The epoch count in an experiment name (``cdetr_r50_108ep`` → 108), or None."""
+    for token in experiment.split("_"):
+        match = re.fullmatch(r"(\d+)ep", token)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def load_registry(path: str | Path, experiments_dir: str | Path | None = None) -> Registry:
+    """Load and validate the registry at ``path``.
+
+    With ``experiments_dir``, every row's experiment must have a config file
+    ``<experiments_dir>/<experiment>.yaml``; the error lists all missing ones.
+    """
+    path = Path(path)
+    data: dict[str, Any] = load_yaml(path)
+    try:
+        registry = from_dict(Registry, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    if experiments_dir is not None:
+        exp_dir = Path(experiments_dir)
+        missing = [e for e in registry.experiments() if not (exp_dir / f"{e}.yaml").is_file()]
+        if missing:
+            raise ConfigError(
+                f"{path}: {len(missing)} experiment(s) named in the registry have no config in "
+                f"{exp_dir}/: {', '.join(missing)}"
+            )
+    return registry

@@ -1,0 +1,109 @@
+# Registry loading and the helpers every rule file uses.
+
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from replic.config import ConfigError
+from replic.workflow.registry import load_registry
+
+SCALE = config["scale"]
+RUNS = config["runs_dir"]
+TINY = config["tiny_data"]["dir"]
+TINY_TRAIN_ANN = f"{TINY}/annotations/instances_train2017.json"
+TINY_VAL_ANN = f"{TINY}/annotations/instances_val2017.json"
+ENV = "../../envs/replic.yaml"
+
+try:
+    # Strict: unknown keys, bad metric names, duplicate rows fail here, before the DAG is built.
+    REGISTRY = load_registry(config["registry"])
+except (ConfigError, FileNotFoundError) as err:
+    raise WorkflowError(f"table registry: {err}") from None
+
+PAPER_TABLES = [name for name, table in REGISTRY.tables.items() if not table.test_only]
+FAIL_EXPERIMENTS = set(config.get("fail_experiments", []))
+
+
+wildcard_constraints:
+    scale="smoke|paper",
+    experiment="[a-z0-9][a-z0-9_]*",
+    table="|".join(REGISTRY.tables),
+
+
+def data_root(scale):
+    """Where the COCO-layout data of a scale lives."""
+    if scale == "smoke":
+        return TINY
+    return config["coco_root"]
+
+
+def experiment_config(wildcards):
+    """The experiment's config file; a clear error (naming the rows that need it) if it is missing."""
+    path = Path(config["experiments_dir"]) / f"{wildcards.experiment}.yaml"
+    if not path.is_file():
+        users = [
+            f"{name}/{row.id}"
+            for name, table in REGISTRY.tables.items()
+            for row in table.rows
+            if row.experiment == wildcards.experiment
+        ]
+        raise WorkflowError(
+            f"experiment '{wildcards.experiment}' has no config file {path} "
+            f"(needed by registry rows: {', '.join(users) or 'none'})"
+        )
+    return str(path)
+
+
+def run_dir(wildcards):
+    return f"{RUNS}/{wildcards.scale}/{wildcards.experiment}"
+
+
+def job_resource(job, key):
+    """A resource of the train/eval job of one experiment, from the registry's compute section."""
+
+    def get(wildcards):
+        return REGISTRY.resources(wildcards.experiment, wildcards.scale, job)[key]
+
+    return get
+
+
+def cpus_per_gpu(job):
+    """cpus_per_gpu for Slurm (0 = not set: CPU jobs ask --cpus-per-task=threads)."""
+
+    def get(wildcards):
+        res = REGISTRY.resources(wildcards.experiment, wildcards.scale, job)
+        return res["threads"] // res["gpu"] if res["gpu"] else 0
+
+    return get
+
+
+def table_outputs(name):
+    """The files the gather job writes for table ``name``."""
+    return [
+        f"results/table_{name}.csv",
+        f"results/table_{name}.md",
+        f"results/table_{name}.provenance.json",
+        f"results/figures/table_{name}_ap.png",
+        f"results/figures/table_{name}_curves.png",
+    ]
+
+
+def data_inputs(wildcards):
+    # Smoke data is produced by the workflow; COCO is the user's and is only checked.
+    if wildcards.scale == "smoke":
+        return [TINY_TRAIN_ANN, TINY_VAL_ANN]
+    return []
+
+
+def fail_guard(wildcards):
+    # Test-only switch (config fail_experiments): make this experiment's training fail.
+    if wildcards.experiment in FAIL_EXPERIMENTS:
+        return "echo 'failing on purpose: experiment listed in config fail_experiments' >&2; exit 3; "
+    return ""
+
+
+def table_evaluations(wildcards):
+    return [
+        f"{RUNS}/{SCALE}/{experiment}/eval/metrics.json"
+        for experiment in REGISTRY.experiments([wildcards.table])
+    ]

@@ -1,0 +1,112 @@
+# Attention figures and head-extremity tables for a table's runs (replic viz).
+#
+#   snakemake --cores all results/figures/table_smoke_ci_extremity.csv
+#
+# Per run: per-head cross-attention figures of the top-scoring queries on the first val
+# images (results/figures/<scale>/attention/<experiment>/) and the per-head extremity
+# summary (results/figures/<scale>/extremity/<experiment>.csv). Per table: every run's
+# summary in one CSV, plus DETR vs Conditional DETR side by side for each Conditional
+# DETR run whose DETR twin (same name with detr_ for cdetr_) is in the same table.
+# Settings can be overridden with --config viz_images=4 viz_queries=3 viz_layer=-1 viz_band=0.25
+# (read with defaults, so the main config needs no new keys).
+
+VIZ_IMAGES = int(config.get("viz_images", 8))
+VIZ_FIGURE_IMAGES = int(config.get("viz_figure_images", 2))
+VIZ_QUERIES = int(config.get("viz_queries", 3))
+VIZ_LAYER = int(config.get("viz_layer", -1))
+VIZ_BAND = float(config.get("viz_band", 0.25))
+
+
+def viz_baseline(experiment, experiments):
+    """The DETR run to compare a Conditional DETR run with, if the table has one."""
+    if experiment.startswith("cdetr_"):
+        twin = "detr_" + experiment[len("cdetr_"):]
+        if twin in experiments:
+            return twin
+    return None
+
+
+def table_viz_inputs(wildcards):
+    experiments = REGISTRY.experiments([wildcards.table])
+    figures = [f"results/figures/{SCALE}/attention/{e}" for e in experiments]
+    pairs = [(e, viz_baseline(e, experiments)) for e in experiments]
+    figures += [f"results/figures/{SCALE}/compare/{e}_vs_{b}" for e, b in pairs if b]
+    return {
+        "summaries": [f"results/figures/{SCALE}/extremity/{e}.csv" for e in experiments],
+        "figures": figures,
+    }
+
+
+rule viz_attention:
+    """Per-head cross-attention (and spatial-only) figures of one run on the first val images."""
+    input:
+        checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",
+    output:
+        directory("results/figures/{scale}/attention/{experiment}"),
+    params:
+        images=" ".join(f"--image @{i}" for i in range(VIZ_FIGURE_IMAGES)),
+    log:
+        "results/logs/viz_attention_{scale}_{experiment}.log",
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "export OMP_NUM_THREADS={threads}; "
+        "replic viz attention --checkpoint {input.checkpoint} {params.images} --out {output}"
+        f" --layer {VIZ_LAYER} --queries {VIZ_QUERIES} > {{log}} 2>&1"
+
+
+rule viz_compare:
+    """DETR vs Conditional DETR cross-attention, same images, matched queries."""
+    input:
+        checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",
+        baseline=f"{RUNS}/{{scale}}/{{baseline}}/checkpoint_final.pt",
+    output:
+        directory("results/figures/{scale}/compare/{experiment}_vs_{baseline}"),
+    params:
+        images=" ".join(f"--image @{i}" for i in range(VIZ_FIGURE_IMAGES)),
+    log:
+        "results/logs/viz_compare_{scale}_{experiment}_vs_{baseline}.log",
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "export OMP_NUM_THREADS={threads}; "
+        "replic viz attention --checkpoint {input.checkpoint} --baseline-checkpoint {input.baseline}"
+        " {params.images} --out {output}"
+        f" --layer {VIZ_LAYER} --queries {VIZ_QUERIES} > {{log}} 2>&1"
+
+
+rule viz_extremity:
+    """Per-head fraction of attention on each box edge for one run."""
+    input:
+        checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",
+    output:
+        summary="results/figures/{scale}/extremity/{experiment}.csv",
+        per_query="results/figures/{scale}/extremity/{experiment}.per_query.csv",
+    log:
+        "results/logs/viz_extremity_{scale}_{experiment}.log",
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "export OMP_NUM_THREADS={threads}; "
+        "replic viz extremity --checkpoint {input.checkpoint} --out {output.summary}"
+        " --per-query {output.per_query}"
+        f" --images {VIZ_IMAGES} --queries {VIZ_QUERIES} --layer {VIZ_LAYER} --band {VIZ_BAND}"
+        " > {log} 2>&1"
+
+
+rule table_attention:
+    """Every run of a table: extremity summaries in one CSV; attention figures rendered alongside."""
+    input:
+        unpack(table_viz_inputs),
+    output:
+        "results/figures/table_{table}_extremity.csv",
+    params:
+        runs=lambda wildcards: REGISTRY.experiments([wildcards.table]),
+    localrule: True
+    run:
+        from replic.viz.extremity import merge_summaries
+
+        merge_summaries(list(input.summaries), list(params.runs), output[0])

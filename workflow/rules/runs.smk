@@ -1,0 +1,71 @@
+# One training run and one evaluation per (scale, experiment), shared by every table row naming it.
+
+
+rule train:
+    """Train one experiment. Several GPUs: one task, torchrun starts one process per GPU.
+
+    A run cut by the runtime cap (or a crash) resumes from checkpoints/last.pt when
+    Snakemake resubmits it (profile `retries`).
+    """
+    input:
+        config=experiment_config,
+        overlay=f"{RUNS}/{{scale}}/scale.yaml",
+        data=f"{RUNS}/{{scale}}/data.json",
+    output:
+        done=f"{RUNS}/{{scale}}/{{experiment}}/done.json",
+        checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",
+    params:
+        out=run_dir,
+        fail=fail_guard,
+    log:
+        f"{RUNS}/{{scale}}/{{experiment}}/logs/train.log",
+    benchmark:
+        f"{RUNS}/{{scale}}/{{experiment}}/logs/train.benchmark.tsv"
+    threads: job_resource("train", "threads")
+    resources:
+        gpu=job_resource("train", "gpu"),
+        cpus_per_gpu=cpus_per_gpu("train"),
+        mem_mb=job_resource("train", "mem_mb"),
+        runtime=job_resource("train", "runtime"),
+    conda:
+        ENV
+    shell:
+        "{params.fail}"
+        # One torchrun process per GPU: each gets its share of the CPUs.
+        "if [ {resources.gpu} -gt 0 ]; then export OMP_NUM_THREADS={resources.cpus_per_gpu};"
+        " else export OMP_NUM_THREADS={threads}; fi; "
+        "if [ {resources.gpu} -gt 1 ]; then"
+        " launch='torchrun --standalone --nnodes=1 --nproc_per_node={resources.gpu} -m replic';"
+        " else launch='replic'; fi; "
+        "resume=''; if [ -f {params.out}/checkpoints/last.pt ]; then resume='--resume'; fi; "
+        "$launch train --config {input.config} --scale {input.overlay} --out {params.out} $resume"
+        " > {log} 2>&1"
+
+
+rule evaluate:
+    """COCO evaluation of the final checkpoint on the val split (one GPU at paper scale)."""
+    input:
+        config=experiment_config,
+        overlay=f"{RUNS}/{{scale}}/scale.yaml",
+        checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",
+    output:
+        metrics=f"{RUNS}/{{scale}}/{{experiment}}/eval/metrics.json",
+        detections=f"{RUNS}/{{scale}}/{{experiment}}/eval/detections.json",
+    params:
+        out=lambda wildcards: f"{run_dir(wildcards)}/eval",
+    log:
+        f"{RUNS}/{{scale}}/{{experiment}}/logs/eval.log",
+    benchmark:
+        f"{RUNS}/{{scale}}/{{experiment}}/logs/eval.benchmark.tsv"
+    threads: job_resource("eval", "threads")
+    resources:
+        gpu=job_resource("eval", "gpu"),
+        cpus_per_gpu=cpus_per_gpu("eval"),
+        mem_mb=job_resource("eval", "mem_mb"),
+        runtime=job_resource("eval", "runtime"),
+    conda:
+        ENV
+    shell:
+        "export OMP_NUM_THREADS={threads}; "
+        "replic eval --config {input.config} --scale {input.overlay} --checkpoint {input.checkpoint}"
+        " --out {params.out} > {log} 2>&1"

@@ -27,9 +27,9 @@ def _hash_tree(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    # size 192 is the smallest that lets large (> 96²) objects fit; 12/10 images cover the
+    # size 160 is the documented minimum for all three area buckets; 12/10 images cover the
     # index-driven quirks (empty image at index 9, crowd at index 3).
-    return generate_synthetic_coco(tmp_path_factory.mktemp("synth"), n_train=12, n_val=10, size=192, seed=7)
+    return generate_synthetic_coco(tmp_path_factory.mktemp("synth"), n_train=12, n_val=10, size=160, seed=7)
 
 
 def _load(path: Path) -> dict:
@@ -97,6 +97,13 @@ def test_all_three_area_buckets_present_in_each_split(synth: dict[str, Path]) ->
         assert (areas < 32**2).any()
         assert ((areas >= 32**2) & (areas <= 96**2)).any()
         assert (areas > 96**2).any()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_three_images_at_size_160_cover_all_buckets(tmp_path: Path, seed: int) -> None:
+    paths = generate_synthetic_coco(tmp_path, n_train=3, n_val=0, size=160, seed=seed)
+    areas = np.array([a["area"] for a in _load(paths["train_annotations"])["annotations"] if not a["iscrowd"]])
+    assert (areas < 32**2).any() and ((areas >= 32**2) & (areas <= 96**2)).any() and (areas > 96**2).any()
 
 
 def test_coco_quirks_are_present(synth: dict[str, Path]) -> None:

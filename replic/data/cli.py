@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Write OUT/annotations/instances_{train,val}2017.json and OUT/{train,val}2017/*.jpg. "
             "The same arguments give byte-identical files. All three COCO area buckets occur "
-            "when --size is at least 192 (large objects need > 96x96 px)."
+            "from --size 160 up (large objects need > 96x96 px)."
         ),
     )
     synth.add_argument("--out", required=True, help="dataset root directory")

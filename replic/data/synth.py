@@ -17,10 +17,12 @@ What the data looks like, and why:
 * Backgrounds are gradients plus pixel noise plus unannotated distractor scribbles.
 * Objects overlap (larger ones are drawn first so small ones stay visible).
 * Object sizes target all three COCO area buckets (small < 32², medium, large > 96²);
-  buckets are absolute pixel areas, so large objects need an image of at least
-  about 160 px on its short side: at ``size`` >= 192 every split with three or more
-  non-empty images has all three buckets. The default ``size`` is 320 (longest
-  image side); image sizes and aspect ratios vary (landscape and portrait).
+  buckets are absolute pixel areas, so a large object needs an image of more than
+  96² px: the first object of every third image (index 2, 5, ...) targets the large
+  bucket, and from ``size`` 160 up every split with three or more non-empty images
+  has all three buckets (smaller sizes still get some large objects where an image
+  allows). The default ``size`` is 320 (longest image side); image sizes and aspect
+  ratios vary (landscape and portrait).
 * Every 10th image (index 9, 19, ...) has no objects; images with index 3 mod 7
   carry one ``iscrowd: 1`` cluster of small shapes with an uncompressed-RLE
   segmentation. Ordinary objects have a polygon segmentation (the outline that was
@@ -344,6 +346,9 @@ def _render_image(seed: int, split_code: int, index: int, size: int) -> tuple[np
         bucket = index % 3 if k == 0 else int(rng.choice(3, p=BUCKET_PROBS))
         if k == 0 and bucket == 2:
             shape_index = int(rng.choice(COMPACT_SHAPES))
+            # In a small image only a square (fill 1) is sure to exceed 96² px.
+            if (img_w - 2) * (img_h - 2) * SHAPES[shape_index][3] < 1.3 * LARGE_MIN_AREA:
+                shape_index = 1
         else:
             shape_index = int(rng.integers(0, len(SHAPES)))
         bw, bh = _box_dims(rng, shape_index, bucket, img_h, img_w)

@@ -122,6 +122,14 @@ def test_missing_required_key_names_key_and_record(broken_copy, section: str, ke
         CocoDetection(folder, write(data))
 
 
+@pytest.mark.parametrize(("key", "value"), [("bbox", [1, 2, 3]), ("bbox", [1, 2, "a", 4]), ("area", "big"), ("iscrowd", 2)])
+def test_malformed_annotation_values_are_named(broken_copy, key: str, value) -> None:
+    folder, _, data, write = broken_copy
+    data["annotations"][2][key] = value
+    with pytest.raises(DatasetError, match=rf"annotations\[2\] \(id \d+\) '{key}' must be"):
+        CocoDetection(folder, write(data))
+
+
 def test_missing_top_level_key(broken_copy) -> None:
     folder, _, data, write = broken_copy
     del data["categories"]

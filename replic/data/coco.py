@@ -37,7 +37,11 @@ class DatasetError(ValueError):
 
 @dataclass
 class CocoIndex:
-    """A validated COCO annotation file: records by id and annotations grouped per image."""
+    """A validated COCO annotation file: records by id and annotations grouped per image.
+
+    Grouped annotations keep ``id``, ``category_id``, ``bbox``, ``area`` (``w*h`` if absent)
+    and ``iscrowd`` (0 if absent), in file order.
+    """
 
     path: Path
     images: dict[int, dict[str, Any]]
@@ -133,10 +137,25 @@ def load_coco_index(ann_file: str | Path, data: Any = None) -> CocoIndex:
             raise DatasetError(
                 f"{path}: annotations[{i}] (id {ann['id']}) 'bbox' must be 4 finite numbers, got {bbox!r}"
             )
+        where = f"{path}: annotations[{i}] (id {ann['id']})"
+        if "area" in ann and not _is_number(ann["area"]):
+            raise DatasetError(f"{where} 'area' must be a number, got {ann['area']!r}")
+        if ann.get("iscrowd", 0) not in (0, 1):
+            raise DatasetError(f"{where} 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
         if bbox[2] <= 0 or bbox[3] <= 0:
             dropped += 1
             continue
-        by_image[ann["image_id"]].append(ann)
+        # Keep only what targets need: segmentations are most of real COCO's memory, and the
+        # index is copied into every DataLoader worker.
+        by_image[ann["image_id"]].append(
+            {
+                "id": ann["id"],
+                "category_id": ann["category_id"],
+                "bbox": [float(v) for v in bbox],
+                "area": float(ann.get("area", bbox[2] * bbox[3])),
+                "iscrowd": int(ann.get("iscrowd", 0)),
+            }
+        )
     if dropped:
         log.warning("%s: dropped %d annotation(s) with non-positive box width or height", path, dropped)
 
@@ -236,7 +255,7 @@ class CocoDetection(torch.utils.data.Dataset):
         """Boxes (absolute XYXY, clipped to the image), labels, area, iscrowd, as DETR prepares them."""
         anns = self.index.annotations_by_image[image_id]
         if self.remove_crowd:
-            anns = [a for a in anns if not a.get("iscrowd", 0)]
+            anns = [a for a in anns if not a["iscrowd"]]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2].clamp_(min=0, max=width)
@@ -244,10 +263,8 @@ class CocoDetection(torch.utils.data.Dataset):
         # Boxes lying wholly outside the image collapse to zero size after clipping.
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
-        area = torch.tensor(
-            [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns], dtype=torch.float32
-        )
-        iscrowd = torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)
+        area = torch.tensor([a["area"] for a in anns], dtype=torch.float32)
+        iscrowd = torch.tensor([a["iscrowd"] for a in anns], dtype=torch.int64)
         return {
             "boxes": boxes[keep],
             "labels": labels[keep],

@@ -37,6 +37,7 @@ def test_explicit_switch_overrides_arch_default():
     ({"dropout": 1.5}, "dropout"),
     ({"backbone_levels": ["C5", "C5"]}, "backbone_levels"),
     ({"criterion": {"eos_coef": 0}}, "eos_coef"),
+    ({"backbone": "resnet18", "dilation": True}, "dilation"),
     ({"criterion": {"cost_bbox": -1.0}}, "cost_bbox"),
 ])
 def test_invalid_configs_name_the_key(data, fragment):

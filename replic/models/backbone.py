@@ -79,15 +79,23 @@ def _load_resnet_weights(resnet: nn.Module, name: str, pretrained: str) -> None:
         if not isinstance(state, dict):
             raise ValueError(f"pretrained_backbone: {path} does not hold a state dict")
         source = str(path)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    result = resnet.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    if missing or result.unexpected_keys:
+    state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    expected = {k: v.shape for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(shape)}" for k, shape in expected.items()
+                  if k in state and state[k].shape != shape]
+    if missing or unexpected or mismatched:
         raise ValueError(
             f"pretrained_backbone: {source} does not match torchvision {name}: "
-            f"missing keys {missing[:10]}{' …' if len(missing) > 10 else ''} ({len(missing)}), "
-            f"unexpected keys {result.unexpected_keys[:10]}"
-            f"{' …' if len(result.unexpected_keys) > 10 else ''} ({len(result.unexpected_keys)})")
+            f"missing keys {_head(missing)}, unexpected keys {_head(unexpected)}, "
+            f"shape mismatches {_head(mismatched)}")
+    resnet.load_state_dict(state, strict=False)  # only fc.* is absent, checked above
+
+
+def _head(items: list[str], n: int = 5) -> str:
+    """A short list for error messages: the first n items and the count."""
+    return f"{items[:n]}{' …' if len(items) > n else ''} ({len(items)})"
 
 
 class Backbone(nn.Module):
@@ -101,6 +109,8 @@ class Backbone(nn.Module):
         super().__init__()
         if name not in _TORCHVISION_WEIGHTS:
             raise ValueError(f"backbone: unknown ResNet {name!r}; choose from {sorted(_TORCHVISION_WEIGHTS)}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5): torchvision {name} (BasicBlock) does not support dilation")
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
         _load_resnet_weights(resnet, name, pretrained)

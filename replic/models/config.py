@@ -210,6 +210,8 @@ class ModelConfig:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         if not self.backbone_levels or len(set(self.backbone_levels)) != len(self.backbone_levels):
             raise ConfigError(f"backbone_levels: must be a non-empty list without repeats, got {self.backbone_levels}")
+        if self.dilation and self.backbone in ("resnet18", "resnet34"):
+            raise ConfigError(f"dilation: DC5 needs a bottleneck ResNet (resnet50/101), got {self.backbone}")
         if not self.pretrained_backbone:
             raise ConfigError('pretrained_backbone: must be "none", "torchvision" or a file path')
         spatial = self.spatial_query if self.spatial_query is not None else _ARCH_DEFAULTS[self.arch]["spatial_query"]

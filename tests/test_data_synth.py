@@ -50,6 +50,27 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path: Path) 
     assert sum(name.endswith(".jpg") for name in differing) == 7
 
 
+def test_interrupted_rewrite_leaves_no_annotation_file(tmp_path: Path, monkeypatch) -> None:
+    import replic.data.synth as synth_module
+
+    paths = generate_synthetic_coco(tmp_path, 4, 2, size=96, seed=0)
+    calls = {"n": 0}
+    real = synth_module._jpeg_bytes
+
+    def failing_jpeg(pixels):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in the middle of the val split
+            raise KeyboardInterrupt
+        return real(pixels)
+
+    monkeypatch.setattr(synth_module, "_jpeg_bytes", failing_jpeg)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic_coco(tmp_path, 4, 2, size=96, seed=1)
+    # Neither the old (stale) nor a new annotation file marks the half-written set as complete.
+    assert not paths["train_annotations"].exists() and not paths["val_annotations"].exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_cli_writes_the_same_bytes_as_the_api(tmp_path: Path) -> None:
     api = generate_synthetic_coco(tmp_path / "api", 3, 1, size=96, seed=5)["root"]
     rc = cli_main(["data", "synth", "--out", str(tmp_path / "cli"), "--train", "3", "--val", "1",

@@ -34,8 +34,10 @@ What the data looks like, and why:
 Reproducibility: each image is drawn from its own generator seeded with
 ``(seed, split, index)``, JPEGs are written by PIL at a fixed quality without
 metadata, and the JSON is encoded with sorted keys, so the same arguments give
-byte-identical files. Files are written atomically and the annotation JSON last,
-so a dataset with its JSON present is complete.
+byte-identical files. Files are written atomically; existing annotation files are
+removed first and both are written after all images, so a dataset with its JSON
+present is complete. (Re-using a folder with fewer images leaves the extra old
+JPEGs on disk, unreferenced.)
 """
 
 from __future__ import annotations
@@ -384,7 +386,12 @@ def _jpeg_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _generate_split(out_dir: Path, split: str, n_images: int, size: int, seed: int) -> Path:
+def _annotation_path(out_dir: Path, split: str) -> Path:
+    return out_dir / "annotations" / f"instances_{SPLITS[split][0]}.json"
+
+
+def _generate_split(out_dir: Path, split: str, n_images: int, size: int, seed: int) -> dict[str, Any]:
+    """Write the split's images; return its COCO payload (written later, last)."""
     folder, split_code, id_offset = SPLITS[split]
     image_dir = out_dir / folder
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -417,7 +424,6 @@ def _generate_split(out_dir: Path, split: str, n_images: int, size: int, seed: i
                 }
             )
             ann_id += 1
-    ann_path = out_dir / "annotations" / f"instances_{folder}.json"
     payload = {
         "info": {
             "description": f"replic synthetic COCO-format detection data (seed={seed}, size={size})",
@@ -432,9 +438,7 @@ def _generate_split(out_dir: Path, split: str, n_images: int, size: int, seed: i
         "annotations": annotations,
         "categories": CATEGORIES,
     }
-    # Written last: the JSON's presence marks the split as complete.
-    atomic_write_json(ann_path, payload)
-    return ann_path
+    return payload
 
 
 def generate_synthetic_coco(
@@ -462,8 +466,15 @@ def generate_synthetic_coco(
         raise ValueError(f"size must be >= {MIN_SIZE} pixels, got {size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_ann = _generate_split(out, "train", n_train, size, seed)
-    val_ann = _generate_split(out, "val", n_val, size, seed)
+    # A stale annotation file would mark a half-rewritten dataset as complete: remove it first.
+    for split in SPLITS:
+        _annotation_path(out, split).unlink(missing_ok=True)
+    counts = {"train": n_train, "val": n_val}
+    payloads = {split: _generate_split(out, split, n, size, seed) for split, n in counts.items()}
+    # Annotation files are written last: their presence marks the dataset as complete.
+    for split, payload in payloads.items():
+        atomic_write_json(_annotation_path(out, split), payload)
+    train_ann, val_ann = _annotation_path(out, "train"), _annotation_path(out, "val")
     return {
         "root": out,
         "train_images": out / SPLITS["train"][0],

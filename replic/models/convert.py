@@ -203,9 +203,11 @@ def expected_state_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[in
 def load_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read an official DETR / Conditional DETR ``.pth`` safely.
 
-    Returns ``(model_config, state_dict)``: ModelConfig options (plain dict, for
-    ``replic.config.from_dict(ModelConfig, ...)``) and the float state dict, checked
-    against the replic model. ``num_batches_tracked`` entries are dropped.
+    Returns ``(model_config, state_dict)``: the full ModelConfig as a plain dict (for
+    ``replic.config.from_dict(ModelConfig, ...)``; the architecture keys come from the
+    checkpoint, every other key is the ModelConfig default, as training runs record it)
+    and the float state dict, checked against the replic model. ``num_batches_tracked``
+    entries are dropped.
     """
     model_config, state, _, _ = _read_official(Path(path))
     return model_config, state
@@ -216,10 +218,18 @@ def _read_official(path: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = _torch_load_restricted(path)
     state, args = _split_checkpoint(ckpt, str(path))
-    model_config = architecture_from_checkpoint(state, args, str(path))
-    check_against_model(state, model_config, str(path))
+    options = architecture_from_checkpoint(state, args, str(path))
+    check_against_model(state, options, str(path))
+    model_config = _full_model_config(options)
     epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None
     return model_config, state, args or {}, epoch
+
+
+def _full_model_config(options: Mapping[str, Any]) -> dict[str, Any]:
+    from replic.config import from_dict, to_dict
+    from replic.models.config import ModelConfig
+
+    return to_dict(from_dict(ModelConfig, dict(options)))
 
 
 def _split_checkpoint(ckpt: Any, source: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:

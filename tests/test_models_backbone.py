@@ -69,3 +69,15 @@ def test_local_pretrained_weights(tmp_path):
         Backbone("resnet18", pretrained=str(tmp_path / "bad.pth"))
     with pytest.raises(ValueError, match="does not match torchvision resnet50.*shape mismatches"):
         Backbone("resnet50", pretrained=str(path))
+
+
+def test_torchvision_weights_come_from_the_hub_cache(tmp_path, monkeypatch):
+    """``pretrained_backbone: torchvision`` reads $TORCH_HOME/hub/checkpoints (no network when cached)."""
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / "resnet18-f37072fd.pth")  # torchvision's IMAGENET1K_V1 file name
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    body = Backbone("resnet18", pretrained="torchvision")
+    torch.testing.assert_close(body.body.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)

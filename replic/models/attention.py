@@ -28,10 +28,15 @@ from torch import Tensor, nn
 
 def attention_bias(key_padding_mask: Tensor | None, attn_mask: Tensor | None, num_queries: int,
                    num_keys: int, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
-    """Combine boolean masks (True = blocked) into an additive bias (B, 1, Nq, Nk), or None."""
+    """Combine boolean masks (True = blocked) into an additive bias, or None.
+
+    The bias is (B, 1, 1, Nk) with a key-padding mask only (broadcast over heads and queries,
+    so the DC5 encoder does not materialise HW × HW per image), else (B, 1, Nq, Nk).
+    """
     if key_padding_mask is None and attn_mask is None:
         return None
-    bias = torch.zeros(batch, 1, num_queries, num_keys, dtype=dtype, device=device)
+    rows = 1 if attn_mask is None else num_queries
+    bias = torch.zeros(batch, 1, rows, num_keys, dtype=dtype, device=device)
     if key_padding_mask is not None:
         bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     if attn_mask is not None:

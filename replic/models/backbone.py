@@ -67,7 +67,8 @@ def _load_resnet_weights(resnet: nn.Module, name: str, pretrained: str) -> None:
     if pretrained == "torchvision":
         # Uses the torch hub cache ($TORCH_HOME); downloads the file if it is not cached.
         weights = getattr(torchvision.models, _TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1
-        state = weights.get_state_dict(progress=False)
+        # check_hash verifies a fresh download against the hash in the file name.
+        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True, map_location="cpu")
         source = f"torchvision {weights}"
     else:
         path = Path(pretrained)

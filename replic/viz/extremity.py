@@ -160,3 +160,23 @@ def summarize_by_head(records: list[dict] | "pandas.DataFrame"):  # noqa: F821
     summary["dominant_edge"] = edge_means.idxmax(axis=1)
     summary["dominant_share"] = edge_means.max(axis=1) / summary["edges"].clip(lower=1e-12)
     return summary.reset_index()
+
+
+def merge_summaries(paths: Sequence[str], runs: Sequence[str], out: str) -> None:
+    """Concatenate per-run summary CSVs into one table (``run`` column = the given names), atomically."""
+    import pandas as pd
+
+    from replic.data.io import atomic_write_bytes
+
+    if len(paths) != len(runs):
+        raise ValueError(f"{len(paths)} summary files but {len(runs)} run names")
+    frames = []
+    for path, run in zip(paths, runs):
+        frame = pd.read_csv(path)
+        missing = [c for c in ("head", *REGIONS) if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path}: not an extremity summary (missing columns {missing})")
+        frame["run"] = run
+        frames.append(frame)
+    merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "head", *REGIONS])
+    atomic_write_bytes(out, merged.to_csv(index=False, float_format="%.4f").encode())

@@ -2,8 +2,8 @@
 
 ``load_model_for_viz`` finds the model configuration in this order: the ``config``
 argument (an experiment YAML, a run's resolved ``config.yaml``, or a ``ModelConfig``);
-the checkpoint's ``model_config`` entry (converted official checkpoints); its
-``config`` entry (a resolved experiment); a ``config.yaml`` next to the checkpoint
+the checkpoint's ``config`` entry (the resolved experiment a replic run stores); its
+``model_config`` entry (converted official checkpoints); a ``config.yaml`` next to the checkpoint
 or one directory up (``RUN_DIR/checkpoints/last.pt``). Weights load with
 ``weights_only=True`` and ``strict=True``, so a config that does not match the
 weights fails with the offending keys named.
@@ -104,10 +104,10 @@ def load_model_for_viz(
         model_cfg = config
     elif config is not None:
         model_cfg, data_cfg, name = _config_from_file(Path(config), scale)
-    elif isinstance(data.get("model_config"), dict):
-        model_cfg, data_cfg, name = _configs_from_mapping(data["model_config"], f"{path}: model_config")
-    elif isinstance(data.get("config"), dict):
+    elif isinstance(data.get("config"), dict):  # replic runs: the resolved experiment
         model_cfg, data_cfg, name = _configs_from_mapping(data["config"], f"{path}: config")
+    elif isinstance(data.get("model_config"), dict):  # converted official checkpoints
+        model_cfg, data_cfg, name = _configs_from_mapping(data["model_config"], f"{path}: model_config")
     else:
         beside = _run_config_beside(path)
         if beside is None:

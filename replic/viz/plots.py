@@ -8,7 +8,8 @@
   Conditional DETR query and the DETR query whose box overlaps it most.
 
 Every function returns a ``matplotlib.figure.Figure``; ``save_figure`` writes it as a
-PNG atomically. Maps are placed with ``attention_to_image`` so they line up with the
+PNG atomically. Each panel is scaled to its own peak (so a nearly flat map still shows
+its shape); the title's ``peak N×`` says how peaked it really is (1× = uniform). Maps are placed with ``attention_to_image`` so they line up with the
 original pixels whatever the resize and padding were.
 """
 
@@ -82,6 +83,13 @@ def _figure(rows: int, cols: int, aspect: float) -> tuple[Figure, np.ndarray]:
     return fig, axes
 
 
+def head_title(maps: torch.Tensor, result: AttentionResult, query: int, head: int) -> str:
+    """``head h · peak N×`` where N is the map's peak over a uniform map's value (1× = flat)."""
+    valid = int((~result.key_padding).sum())
+    peak = float(maps[query, head].max()) * max(valid, 1)
+    return f"head {head} · peak {peak:.1f}×"
+
+
 def _query_label(result: AttentionResult, query: int) -> str:
     return (
         f"image {result.image_id} · layer {result.layer} · query {int(result.query_indices[query])} "
@@ -107,7 +115,8 @@ def plot_heads(
         if head >= m:
             ax.axis("off")
             continue
-        draw_overlay(ax, image, maps[query, head], result, result.boxes_xyxy[query], f"head {head}")
+        title = head_title(maps, result, query, head)
+        draw_overlay(ax, image, maps[query, head], result, result.boxes_xyxy[query], title)
     kind = "spatial-only attention" if spatial else "cross-attention"
     fig.suptitle(f"{model_name + ': ' if model_name else ''}{kind}\n{_query_label(result, query)}", fontsize=9)
     return fig
@@ -123,8 +132,10 @@ def plot_spatial_vs_full(image: np.ndarray, result: AttentionResult, query: int 
     fig, axes = _figure(2, m, h / w)
     box = result.boxes_xyxy[query]
     for head in range(m):
-        draw_overlay(axes[0, head], image, result.cross_attn_spatial[query, head], result, box, f"head {head}")
-        draw_overlay(axes[1, head], image, result.cross_attn[query, head], result, box)
+        draw_overlay(axes[0, head], image, result.cross_attn_spatial[query, head], result, box,
+                     head_title(result.cross_attn_spatial, result, query, head))
+        draw_overlay(axes[1, head], image, result.cross_attn[query, head], result, box,
+                     head_title(result.cross_attn, result, query, head))
     axes[0, 0].set_ylabel("spatial (q_s·k_p)", fontsize=8)
     axes[1, 0].set_ylabel("full (content + spatial)", fontsize=8)
     fig.suptitle(f"{model_name + ': ' if model_name else ''}{_query_label(result, query)}", fontsize=9)
@@ -178,7 +189,7 @@ def plot_model_comparison(
             if head >= res.num_heads:
                 ax.axis("off")
                 continue
-            draw_overlay(ax, image, maps[q, head], res, res.boxes_xyxy[q], f"head {head}" if r == 0 else "")
+            draw_overlay(ax, image, maps[q, head], res, res.boxes_xyxy[q], head_title(maps, res, q, head))
         axes[r, 0].set_ylabel(f"{label}\nq{int(res.query_indices[q])} s={float(res.scores[q]):.2f}", fontsize=8)
     fig.suptitle(f"image {conditional.image_id} · layer {conditional.layer}", fontsize=9)
     return fig

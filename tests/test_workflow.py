@@ -1,0 +1,192 @@
+"""The Snakemake workflow: lint, config validation, paper-scale DAGs from the registry, a smoke run.
+
+Every test works on a copy of the workflow files in tmp_path, so runs/ and results/ of the
+checkout are never touched. Snakemake runs as a subprocess with the venv's bin first on PATH
+(the rules call `replic` and `python`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from replic.workflow.registry import load_registry
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_PATHS = ("Snakefile", "workflow", "config", "configs", "envs", "profiles", "slurm")
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def copy_workflow(dest: Path) -> Path:
+    """The workflow's files (not runs/, results/ or data/) copied into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_PATHS:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run snakemake in ``workdir``; killed (SIGKILL 30 s after SIGTERM) past ``timeout``."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("SNAKEMAKE_PROFILE", None)
+    return subprocess.run(
+        ["timeout", "-k", "30", str(timeout), SNAKEMAKE, *args],
+        cwd=workdir, env=env, capture_output=True, text=True,
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a snakemake (dry) run as {rule: count}."""
+    block = output.split("Job stats:", 1)[1]
+    counts: dict[str, int] = {}
+    for line in block.splitlines()[3:]:
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if not match:
+            break
+        counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def stub_coco(root: Path) -> Path:
+    """An empty COCO 2017 directory layout (enough for the layout check and a dry run)."""
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir()
+        (root / "annotations" / f"instances_{split}.json").write_text("{}")
+    return root
+
+
+def registry():
+    return load_registry(REPO / "configs" / "tables.yaml")
+
+
+def test_lint_is_clean(tmp_path: Path) -> None:
+    result = snakemake(copy_workflow(tmp_path / "wf"), "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("table", ["conditional_detr", "cdetr_ablations"])
+def test_paper_scale_dag_of_each_table(tmp_path: Path, table: str) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    coco = stub_coco(tmp_path / "coco")
+    result = snakemake(
+        workdir, f"results/table_{table}.csv", "-n", "-p", "--cores", "8",
+        "--config", "scale=paper", f"coco_root={coco}",  # --config takes every later argument
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = len(registry().experiments([table]))
+    # One check of the COCO layout, one overlay, one train + one eval per distinct run, one gather.
+    assert job_counts(result.stdout) == {
+        "check_data": 1, "scale_overlay": 1, "train": runs, "evaluate": runs, "table": 1, "total": 2 * runs + 3,
+    }
+    # Multi-GPU training is one task that starts torchrun with one process per GPU.
+    assert result.stdout.count("torchrun --standalone --nnodes=1 --nproc_per_node=8 -m replic") == runs
+    assert "synth_tiny_data" not in result.stdout
+
+
+def test_paper_scale_dag_of_all_tables_shares_runs(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    coco = stub_coco(tmp_path / "coco")
+    result = snakemake(workdir, "-n", "--config", "scale=paper", f"coco_root={coco}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    reg = registry()
+    paper_tables = [name for name, t in reg.tables.items() if not t.test_only]
+    runs = len(reg.experiments(paper_tables))
+    counts = job_counts(result.stdout)
+    assert counts["train"] == runs < sum(len(reg.experiments([t])) for t in paper_tables)
+    assert counts["table"] == len(paper_tables) and counts["all"] == 1
+
+
+def test_smoke_dag_synthesises_data_and_needs_no_gpu(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    result = snakemake(workdir, "-n", "--cores", "2", "results/table_smoke_ci.csv")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert job_counts(result.stdout) == {
+        "synth_tiny_data": 1, "check_data": 1, "scale_overlay": 1, "train": 2, "evaluate": 2, "table": 1, "total": 8,
+    }
+    assert "gpu=0" in result.stdout and "gpu=8" not in result.stdout
+
+
+def test_paper_scale_without_coco_root_says_what_to_type(tmp_path: Path) -> None:
+    result = snakemake(copy_workflow(tmp_path / "wf"), "-n", "--config", "scale=paper")
+    assert result.returncode != 0
+    assert "coco_root=/path/to/coco" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(("override", "message"), [("scale=huge", "huge"), ("tiny_data=3", "tiny_data")])
+def test_invalid_config_is_rejected_before_the_dag(tmp_path: Path, override: str, message: str) -> None:
+    result = snakemake(copy_workflow(tmp_path / "wf"), "-n", "--config", override)
+    assert result.returncode != 0
+    output = result.stderr + result.stdout
+    assert message in output and "Building DAG" not in output
+
+
+def test_missing_experiment_config_is_named(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "configs" / "experiments" / "cdetr_r50_50ep_csq_c.yaml").unlink()
+    result = snakemake(workdir, "-n", "--cores", "2", "results/table_cdetr_ablations.csv")
+    assert result.returncode != 0
+    output = result.stderr + result.stdout
+    assert "experiment 'cdetr_r50_50ep_csq_c' has no config file" in output
+    assert "cdetr_ablations/t3_csq_c" in output
+
+
+def test_coco_layout_check_lists_what_is_missing(tmp_path: Path) -> None:
+    coco = stub_coco(tmp_path / "coco")
+    shutil.rmtree(coco / "val2017")
+    (coco / "annotations" / "instances_train2017.json").unlink()
+    stamp = tmp_path / "data.json"
+    env = dict(os.environ)
+    result = subprocess.run(
+        [sys.executable, "-m", "replic.workflow.prepare", "check-coco", "--root", str(coco), "--out", str(stamp)],
+        capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 1 and not stamp.exists()
+    assert "instances_train2017.json" in result.stderr and "val2017/" in result.stderr
+    assert "instances_val2017.json" not in result.stderr
+    (coco / "val2017").mkdir()
+    (coco / "annotations" / "instances_train2017.json").write_text("{}")
+    ok = subprocess.run(
+        [sys.executable, "-m", "replic.workflow.prepare", "check-coco", "--root", str(coco), "--out", str(stamp)],
+        capture_output=True, text=True, env=env,
+    )
+    assert ok.returncode == 0 and stamp.is_file()
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_smoke_run_of_the_ablation_table(tmp_path: Path) -> None:
+    """All ablation experiments at smoke scale on the tiny data, locally, end to end."""
+    workdir = copy_workflow(tmp_path / "wf")
+    result = snakemake(workdir, "--cores", "2", "results/table_cdetr_ablations.csv", timeout=3300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_table(workdir / "results" / "table_cdetr_ablations.csv")
+    assert len(rows) == len(registry().table("cdetr_ablations").rows)
+    assert all(row["status"] == "ok" and row["AP_ours"] != "" for row in rows)
+    assert all(len(row["config_sha256"]) >= 8 and row["run_dir"] for row in rows)
+    # Every distinct run trained exactly once.
+    runs = sorted(p.name for p in (workdir / "runs" / "smoke").iterdir() if (p / "done.json").is_file())
+    assert runs == registry().experiments(["cdetr_ablations"])
+    for name in ("table_cdetr_ablations.md", "table_cdetr_ablations.provenance.json",
+                 "figures/table_cdetr_ablations_ap.png", "figures/table_cdetr_ablations_curves.png"):
+        assert (workdir / "results" / name).is_file(), name
+    # Up to date afterwards: nothing left to do.
+    again = snakemake(workdir, "-n", "--cores", "2", "results/table_cdetr_ablations.csv")
+    assert "Nothing to be done" in again.stdout + again.stderr

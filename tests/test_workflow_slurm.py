@@ -1,0 +1,75 @@
+"""The workflow through a real Slurm (the CI's single-node cluster, `.ci/slurm/start.sh`).
+
+Skipped unless a Slurm controller answers (`sinfo`); with REPLIC_TEST_SLURM=1 (set by .ci/run
+after starting Slurm) a missing cluster is a failure instead of a skip.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_workflow import copy_workflow, job_counts, snakemake
+
+pytestmark = pytest.mark.slurm
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return result.returncode == 0 and any(s in result.stdout for s in ("idle", "mixed", "allocated"))
+
+
+@pytest.fixture(scope="module")
+def slurm_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not _slurm_up():
+        if os.environ.get("REPLIC_TEST_SLURM") == "1":
+            pytest.fail("REPLIC_TEST_SLURM=1 but no Slurm controller answers sinfo (run .ci/slurm/start.sh)")
+        pytest.skip("no Slurm controller (start one with .ci/slurm/start.sh, as root)")
+    return copy_workflow(tmp_path_factory.mktemp("slurm") / "wf")
+
+
+def _unlock_after(result: subprocess.CompletedProcess[str], workdir: Path) -> None:
+    # A run killed by `timeout` leaves the working directory locked (notes §7).
+    if result.returncode in (124, 137):
+        snakemake(workdir, "--unlock")
+
+
+@pytest.mark.timeout(1200)
+def test_smoke_table_through_slurm(slurm_workdir: Path) -> None:
+    result = snakemake(slurm_workdir, "results/table_smoke_ci.csv", "--profile", "profiles/slurm-ci", timeout=1000)
+    _unlock_after(result, slurm_workdir)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    # The heavy jobs really went through sbatch; the bookkeeping ones ran locally.
+    assert output.count("has been submitted with SLURM jobid") == 5  # synth + 2 train + 2 eval
+    with (slurm_workdir / "results" / "table_smoke_ci.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["row_id"] for r in rows] == ["detr_r50_50ep", "cdetr_r50_50ep"]
+    assert all(r["status"] == "ok" and r["AP_ours"] != "" and r["config_sha256"] for r in rows)
+    for run in ("detr_r50_50ep", "cdetr_r50_50ep"):
+        provenance = (slurm_workdir / "runs" / "smoke" / run / "provenance.json").read_text()
+        assert "SLURM_JOB_ID" in provenance  # trained inside a Slurm allocation
+
+
+@pytest.mark.timeout(600)
+def test_failing_job_makes_snakemake_exit_nonzero(slurm_workdir: Path) -> None:
+    target = "runs_fail/smoke/detr_r50_50ep/done.json"
+    dry = snakemake(slurm_workdir, target, "-n", "--config", "runs_dir=runs_fail", "fail_experiments=[detr_r50_50ep]")
+    assert dry.returncode == 0 and job_counts(dry.stdout)["train"] == 1, dry.stdout[-2000:]
+    result = snakemake(
+        slurm_workdir, target, "--profile", "profiles/slurm-ci",
+        "--config", "runs_dir=runs_fail", "fail_experiments=[detr_r50_50ep]", timeout=400,
+    )
+    _unlock_after(result, slurm_workdir)
+    output = result.stdout + result.stderr
+    assert result.returncode not in (0, 124, 137), output[-4000:]
+    assert "has been submitted with SLURM jobid" in output
+    assert "FAILED" in output or "Error in rule train" in output
+    assert not (slurm_workdir / target).exists()

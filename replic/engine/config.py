@@ -1,0 +1,263 @@
+"""Experiment configuration: the typed schema and the YAML loader with ``extends:`` and scales.
+
+An experiment YAML is a small overlay: ``extends: base.yaml`` (a path relative to
+the file) names the file it builds on, and its own keys deep-merge on top. A
+*scale* (``smoke``, ``paper`` or a path to an overlay YAML) is then merged onto the
+experiment, so one definition serves both a laptop smoke run and the paper run.
+
+Validation happens in :func:`load_experiment` before any data is read: unknown or
+misspelt keys, wrong types and impossible combinations raise ``ConfigError``
+naming the dotted key. ``num_classes: auto`` is resolved afterwards from the
+training annotation file (max category id + 1, the official convention).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from replic.config import ConfigError, deep_merge, from_dict, load_yaml
+from replic.data.config import DataConfig
+from replic.models.config import ModelConfig
+
+SCALE_NAMES: tuple[str, ...] = ("smoke", "paper")
+# Keys an experiment YAML may use to name the file it builds on.
+EXTENDS_KEYS: tuple[str, ...] = ("extends", "base")
+# Placeholder value for the class count that comes from the data.
+AUTO = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe. Defaults are the official Conditional DETR ``main.py`` ones."""
+
+    epochs: int = 50
+    # Per-process (per-GPU) batch size: 2 for R50/R101, 1 for DC5 [official scripts].
+    batch_size: int = 2
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    # None: the official code decays every parameter; detrex uses 0.0 for norm layers.
+    weight_decay_norm: float | None = None
+    # StepLR, stepped once per epoch.
+    lr_drop: int = 40
+    lr_gamma: float = 0.1
+    clip_max_norm: float = 0.1
+    # Optional cap on the total number of optimizer steps (smoke runs); None = full epochs.
+    max_steps: int | None = None
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Write a metrics.jsonl line every this many steps (and always at epoch end).
+    log_every: int = 50
+    # Extra mid-epoch checkpoints every this many steps (0 = only at epoch end / on signal).
+    checkpoint_every: int = 0
+    # Evaluate on the val split after the last epoch (writes eval/ in the run dir).
+    eval_at_end: bool = True
+    # DDP: allow parameters that get no gradient in a step (some ablation variants).
+    find_unused_parameters: bool = False
+    # torch.use_deterministic_algorithms (warn_only on CUDA where some kernels lack one).
+    deterministic: bool = True
+
+    def validate(self) -> None:
+        """Reject impossible recipes."""
+        for name in ("epochs", "batch_size", "lr_drop", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "lr_gamma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.weight_decay_norm is not None and self.weight_decay_norm < 0:
+            raise ConfigError(f"weight_decay_norm: must be >= 0, got {self.weight_decay_norm}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max_steps: must be positive, got {self.max_steps}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
+        if self.device == "cpu" and self.amp == "fp16":
+            raise ConfigError("amp: fp16 needs a CUDA device (train.device is cpu)")
+
+
+@dataclass
+class EvalConfig:
+    """COCO evaluation settings. Padding makes AP depend on the batch size: DC5 uses 1."""
+
+    batch_size: int = 2
+    backend: Literal["pycocotools", "faster-coco-eval"] = "pycocotools"
+    # Evaluate only the first N val images (None = all); recorded with the metrics.
+    max_images: int | None = None
+
+    def validate(self) -> None:
+        """Reject impossible evaluation settings."""
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size: must be positive, got {self.batch_size}")
+        if self.max_images is not None and self.max_images <= 0:
+            raise ConfigError(f"max_images: must be positive, got {self.max_images}")
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: data + model (with its ``model.criterion``) + recipe + evaluation + seed."""
+
+    name: str = "experiment"
+    description: str = ""
+    # Which scale overlay produced this resolved config (recorded, not an input switch).
+    scale: str = "paper"
+    # Base seed; process r uses seed + r (the official convention).
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Cross-section checks."""
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+        if self.train.max_steps is None and self.train.lr_drop > self.train.epochs:
+            # Allowed by StepLR, but then the drop never happens: almost always a typo.
+            raise ConfigError(
+                f"train.lr_drop: {self.train.lr_drop} is after the last epoch "
+                f"(train.epochs = {self.train.epochs}); the lr would never drop"
+            )
+
+
+def load_with_extends(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file, following its ``extends:`` / ``base:`` chain (paths relative to the file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"{path}: 'extends' cycle: {chain}")
+    data = load_yaml(path)
+    parents = [k for k in EXTENDS_KEYS if k in data]
+    if len(parents) > 1:
+        raise ConfigError(f"{path}: use only one of {list(EXTENDS_KEYS)}")
+    if not parents:
+        return data
+    key = parents[0]
+    parent = data.pop(key)
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: '{key}' must be a file path, got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: '{key}' names a missing file: {parent_path}")
+    return deep_merge(load_with_extends(parent_path, (*_seen, path)), data)
+
+
+def find_scale_file(scale: str, config_path: str | Path | None = None) -> Path:
+    """Resolve a scale name (``smoke``/``paper``) or overlay path to a YAML file."""
+    candidate = Path(scale)
+    if scale not in SCALE_NAMES or candidate.suffix in (".yaml", ".yml"):
+        if candidate.is_file():
+            return candidate
+        raise FileNotFoundError(
+            f"scale overlay not found: {scale} (use one of {list(SCALE_NAMES)} or a YAML path)"
+        )
+    search: list[Path] = []
+    if config_path is not None:
+        # configs/experiments/x.yaml -> configs/scales/<scale>.yaml
+        search.append(Path(config_path).resolve().parent.parent / "scales" / f"{scale}.yaml")
+    search.append(Path.cwd() / "configs" / "scales" / f"{scale}.yaml")
+    search.append(Path(__file__).resolve().parents[2] / "configs" / "scales" / f"{scale}.yaml")
+    for path in search:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"scale '{scale}' not found; looked in {[str(p) for p in search]}")
+
+
+def _auto_paths(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """(section, key) pairs whose value is the ``auto`` placeholder."""
+    found = []
+    sub = raw.get("model")
+    if isinstance(sub, dict) and sub.get("num_classes") == AUTO:
+        found.append(("model", "num_classes"))
+    return found
+
+
+def num_classes_from_annotations(annotation_file: str | Path) -> int:
+    """max category id + 1 of a COCO annotation file (raw ids, as the official code)."""
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"num_classes: auto needs the training annotation file, not found: {path}"
+        )
+    with path.open() as handle:
+        data = json.load(handle)
+    ids = [int(c["id"]) for c in data.get("categories", [])]
+    ids += [int(a["category_id"]) for a in data.get("annotations", [])]
+    if not ids:
+        raise ConfigError(f"num_classes: auto, but {path} has no categories")
+    return max(ids) + 1
+
+
+def train_annotation_file(data: DataConfig) -> Path:
+    """The COCO annotation file of the training split."""
+    return Path(data.root) / "annotations" / f"instances_{data.train_split}.json"
+
+
+def resolve_raw(config_path: str | Path, scale: str | None = None) -> dict[str, Any]:
+    """Experiment YAML (+ extends chain) with the scale overlay merged in, as plain data."""
+    raw = load_with_extends(config_path)
+    scale_name = "paper"
+    if scale is not None:
+        overlay = load_with_extends(find_scale_file(scale, config_path))
+        raw = deep_merge(raw, overlay)
+        scale_name = scale if scale in SCALE_NAMES else str(Path(scale).stem)
+    raw.setdefault("scale", scale_name)
+    if scale is not None:
+        raw["scale"] = scale_name
+    raw.setdefault("name", Path(config_path).stem)
+    return raw
+
+
+def build_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate plain data into an ``ExperimentConfig``; then resolve ``num_classes: auto``.
+
+    The schema check runs with a placeholder class count first, so a misspelt key is
+    reported before the annotation file is ever opened.
+    """
+    autos = _auto_paths(raw)
+    checked = copy.deepcopy(raw)
+    for section, key in autos:
+        checked[section][key] = 1
+    cfg = from_dict(ExperimentConfig, checked)
+    if autos:
+        n = num_classes_from_annotations(train_annotation_file(cfg.data))
+        for section, key in autos:
+            checked[section][key] = n
+        cfg = from_dict(ExperimentConfig, checked)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
+        parts = key.strip().split(".")
+        node = result
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is set both as a value and a section")
+        node[parts[-1]] = value
+    return result
+
+
+def load_experiment(
+    config_path: str | Path, scale: str | None = None, overrides: dict[str, Any] | None = None
+) -> ExperimentConfig:
+    """Load, merge and validate an experiment (the one entry point the CLI uses)."""
+    raw = resolve_raw(config_path, scale)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return build_config(raw)

@@ -1,0 +1,184 @@
+"""COCO evaluation of a detector: detections.json (raw category ids) + metrics.json.
+
+Each process runs its contiguous shard of the val set at ``eval.batch_size`` images
+per process; detections are gathered to rank 0, which scores them with
+``replic.eval.score``. The eval batch size is recorded with the metrics because
+padding makes AP depend on it (DC5 models evaluate at 1 image per GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from replic.config import config_hash, to_dict
+from replic.data.io import atomic_write_bytes, atomic_write_json
+from replic.engine import distributed, provenance
+from replic.engine.checkpoint import load_checkpoint, model_state_from_checkpoint
+from replic.engine.config import ExperimentConfig
+from replic.engine.distributed import DistInfo
+from replic.engine.progress import Progress
+from replic.engine.rundir import config_differences
+from replic.engine.runtime import (
+    autocast_context,
+    build_dataset,
+    build_detector,
+    build_postprocessor,
+    select_device,
+    set_determinism,
+    split_paths,
+    to_float32,
+)
+from replic.engine.sampling import SeededDataset, eval_batches
+
+log = logging.getLogger("replic.engine")
+
+
+def _to_coco_results(image_id: int, result: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    boxes = result["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = result["scores"].detach().float().cpu().tolist()
+    labels = result["labels"].detach().cpu().tolist()
+    return [
+        {"image_id": image_id, "category_id": int(label), "bbox": [float(v) for v in box],
+         "score": float(score)}
+        for box, score, label in zip(xywh, scores, labels)
+    ]
+
+
+def _ground_truth(cfg: ExperimentConfig, image_ids: list[int]) -> dict[str, Any]:
+    """The val annotation file, restricted to the evaluated images (``eval.max_images``)."""
+    _, ann_file = split_paths(cfg, "val")
+    data = json.loads(Path(ann_file).read_text())
+    keep = set(image_ids)
+    data["images"] = [img for img in data["images"] if img["id"] in keep]
+    data["annotations"] = [a for a in data.get("annotations", []) if a["image_id"] in keep]
+    data.setdefault("info", {})
+    data.setdefault("licenses", [])
+    return data
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    device: torch.device,
+    dist_info: DistInfo | None = None,
+    checkpoint: str | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Run the val split through ``model``; rank 0 writes detections.json and metrics.json."""
+    dist_info = dist_info or DistInfo()
+    out_dir = Path(out_dir)
+    dataset = build_dataset(cfg, "val")
+    n = len(dataset) if cfg.eval.max_images is None else min(len(dataset), cfg.eval.max_images)
+    batches = eval_batches(n, cfg.eval.batch_size, dist_info.rank, dist_info.world_size)
+    from replic.data.collate import collate_fn
+
+    loader = DataLoader(SeededDataset(dataset, cfg.seed), batch_sampler=batches,
+                        collate_fn=collate_fn, num_workers=cfg.data.num_workers,
+                        pin_memory=device.type == "cuda")
+    postprocess = build_postprocessor(cfg).to(device)
+    was_training = model.training
+    model.eval()
+    detections: list[dict[str, Any]] = []
+    bar = Progress(len(batches), "eval", enabled=dist_info.is_main and progress, plain_every=50)
+    for batch in loader:
+        batch = batch.to(device)
+        with autocast_context(cfg.train.amp, device):
+            outputs = model(batch.images, batch.mask)
+        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets]).to(device)
+        results = postprocess(to_float32(outputs), orig_sizes)
+        for target, result in zip(batch.targets, results):
+            detections.extend(_to_coco_results(int(target["image_id"]), result))
+        bar.update()
+    bar.close()
+    model.train(was_training)
+
+    gathered = distributed.all_gather_objects(detections)
+    metrics: dict[str, float] = {}
+    if dist_info.is_main:
+        from replic.eval import score
+
+        image_ids = [int(dataset.ids[i]) for i in range(n)]
+        gt = _ground_truth(cfg, image_ids)
+        # Logits exist for every id < num_classes, but only the dataset's categories are scored:
+        # COCOeval evaluates each GT category separately and never looks at other ids, so
+        # dropping them changes no metric (and keeps the file valid for strict scorers).
+        valid = {int(c["id"]) for c in gt.get("categories", [])}
+        raw = [d for part in gathered for d in part]
+        all_dets = [d for d in raw if d["category_id"] in valid]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_dir / "detections.json", json.dumps(all_dets).encode())
+        metrics = score(gt, all_dets, backend=cfg.eval.backend)
+        record = {
+            "metrics": metrics,
+            "eval": {"batch_size_per_process": cfg.eval.batch_size,
+                     "world_size": dist_info.world_size, "images": n,
+                     "topk": cfg.model.postprocess_topk, "backend": cfg.eval.backend,
+                     "split": cfg.data.val_split, "detections": len(all_dets),
+                     "dropped_non_category_detections": len(raw) - len(all_dets)},
+            "experiment": cfg.name, "scale": cfg.scale, "config_hash": config_hash(cfg),
+            "checkpoint": checkpoint,
+            "provenance": provenance.collect(world_size=dist_info.world_size),
+        }
+        atomic_write_json(out_dir / "metrics.json", _nan_to_none(record))
+        log.info("eval AP %.4f AP50 %.4f (%d images, batch %d/process) -> %s",
+                 metrics.get("AP", float("nan")), metrics.get("AP50", float("nan")), n,
+                 cfg.eval.batch_size, out_dir / "metrics.json")
+    distributed.barrier()
+    return metrics
+
+
+def _nan_to_none(value: Any) -> Any:
+    """JSON has no NaN: an undefined COCO bucket is written as null."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, out_dir: str | Path,
+                        *, progress: bool = True) -> dict[str, float]:
+    """Load a replic (or converted official) checkpoint into the experiment's model and evaluate.
+
+    A checkpoint's ``model_config`` that differs from the experiment's is reported;
+    the weights are then loaded strictly, so a real architecture mismatch is an error.
+    """
+    info = distributed.detect()
+    device = select_device(cfg.train.device, info.local_rank)
+    dist_info = distributed.init(device.type)
+    try:
+        set_determinism(cfg.train.deterministic, device)
+        data = load_checkpoint(checkpoint, map_location="cpu")
+        stored = data.get("model_config")
+        if isinstance(stored, dict):
+            diffs = config_differences(stored, to_dict(cfg.model))
+            if diffs:
+                log.warning("%s: model_config differs from the experiment's: %s", checkpoint,
+                            "; ".join(diffs))
+        model = build_detector(cfg)
+        missing, unexpected = model.load_state_dict(
+            model_state_from_checkpoint(data, checkpoint), strict=False
+        )
+        if missing or unexpected:
+            raise ValueError(
+                f"{checkpoint}: weights do not fit the model of {cfg.name}: "
+                f"{len(missing)} missing (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+        model.to(device)
+        return evaluate_model(model, cfg, out_dir, device=device, dist_info=dist_info,
+                              checkpoint=str(checkpoint), progress=progress)
+    finally:
+        distributed.shutdown()

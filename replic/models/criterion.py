@@ -11,8 +11,8 @@ Terms (unweighted; ``weight_dict`` holds the weights):
 * logging only (not in ``weight_dict``): ``class_error`` (top-1 error % on matched queries,
   last layer) and ``cardinality_error``.
 
-Every ``aux_outputs[i]`` gets the same three terms with suffix ``_i``, each **matched on its
-own**. num_boxes = total GT boxes in the batch, all-reduced across processes when
+Every ``aux_outputs[i]`` gets the same terms (and ``cardinality_error_i``) with suffix ``_i``,
+each **matched on its own** — the official key set. num_boxes = total GT boxes in the batch, all-reduced across processes when
 torch.distributed is initialised, ÷ world size, clamped ≥ 1.
 
 Extra terms (distillation, KS-DETR branches …) plug in with :meth:`SetCriterion.register_loss`:
@@ -156,7 +156,8 @@ class SetCriterion(nn.Module):
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_idx = self.matcher(aux, targets)
             aux_indices.append(aux_idx)
-            terms = {**self.loss_labels(aux, targets, aux_idx, num_boxes), **self.loss_boxes(aux, targets, aux_idx, num_boxes)}
+            terms = {**self.loss_labels(aux, targets, aux_idx, num_boxes), **self.loss_cardinality(aux, targets),
+                     **self.loss_boxes(aux, targets, aux_idx, num_boxes)}
             losses.update({f"{k}_{i}": v for k, v in terms.items()})
         context = {"indices": indices, "aux_indices": aux_indices, "num_boxes": num_boxes}
         for fn in self._extra:

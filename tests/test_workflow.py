@@ -190,3 +190,8 @@ def test_smoke_run_of_the_ablation_table(tmp_path: Path) -> None:
     # Up to date afterwards: nothing left to do.
     again = snakemake(workdir, "-n", "--cores", "2", "results/table_cdetr_ablations.csv")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # The HTML report embeds the table and its figures.
+    report = snakemake(workdir, "--report", "results/report.html", "results/table_cdetr_ablations.csv")
+    assert report.returncode == 0, report.stderr[-3000:]
+    html = (workdir / "results" / "report.html").read_text()
+    assert "table_cdetr_ablations.csv" in html and "table_cdetr_ablations_ap.png" in html

@@ -4,8 +4,10 @@
 rule train:
     """Train one experiment. Several GPUs: one task, torchrun starts one process per GPU.
 
-    A run cut by the runtime cap (or a crash) resumes from checkpoints/last.pt when
-    Snakemake resubmits it (profile `retries`).
+    `replic train` continues a run directory holding the same resolved config from its
+    checkpoints/last.pt, so a run cut by the runtime cap (or a crash) resumes when Snakemake
+    resubmits it (profile `retries`) or is run again. A changed config is refused (the old
+    run is kept) unless config force_retrain is true, which starts the run afresh.
     """
     input:
         config=experiment_config,
@@ -17,6 +19,7 @@ rule train:
     params:
         out=run_dir,
         fail=fail_guard,
+        force="--force" if config.get("force_retrain") else "",
     log:
         f"{RUNS}/{{scale}}/{{experiment}}/logs/train.log",
     benchmark:
@@ -37,8 +40,7 @@ rule train:
         "if [ {resources.gpu} -gt 1 ]; then"
         " launch='torchrun --standalone --nnodes=1 --nproc_per_node={resources.gpu} -m replic';"
         " else launch='replic'; fi; "
-        "resume=''; if [ -f {params.out}/checkpoints/last.pt ]; then resume='--resume'; fi; "
-        "$launch train --config {input.config} --scale {input.overlay} --out {params.out} $resume"
+        "$launch train --config {input.config} --scale {input.overlay} --out {params.out} {params.force}"
         " > {log} 2>&1"
 
 

@@ -109,6 +109,22 @@ def test_paper_scale_dag_of_all_tables_shares_runs(tmp_path: Path) -> None:
     assert counts["table"] == len(paper_tables) and counts["all"] == 1
 
 
+def test_profile_slurm_resolves_from_the_repository_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--profile slurm` exactly as typed: the ./slurm/ profile, partition/account from the environment."""
+    workdir = copy_workflow(tmp_path / "wf")
+    coco = stub_coco(tmp_path / "coco")
+    monkeypatch.setenv("REPLIC_SLURM_PARTITION", "gpuq")
+    monkeypatch.setenv("REPLIC_SLURM_ACCOUNT", "proj42")
+    result = snakemake(
+        workdir, "results/table_smoke_ci.csv", "-n", "--profile", "slurm",
+        "--config", "scale=paper", f"coco_root={coco}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    resources = [line for line in result.stdout.splitlines() if "resources:" in line and re.search(r"\bgpu=8\b", line)]
+    assert len(resources) == 2  # the two training jobs of the CI table
+    assert all("slurm_partition=gpuq" in line and "slurm_account=proj42" in line for line in resources)
+
+
 def test_smoke_dag_synthesises_data_and_needs_no_gpu(tmp_path: Path) -> None:
     workdir = copy_workflow(tmp_path / "wf")
     result = snakemake(workdir, "-n", "--cores", "2", "results/table_smoke_ci.csv")

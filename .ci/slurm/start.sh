@@ -28,7 +28,9 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
 fi
 t_installed=$(date +%s.%N)
 
-if sinfo -h -o %T 2>/dev/null | grep -qx idle; then
+# Ask sinfo only when a controller process exists: with none, sinfo spends seconds retrying.
+if [[ -s /run/slurmctld.pid ]] && kill -0 "$(cat /run/slurmctld.pid)" 2>/dev/null \
+    && sinfo -h -o %T 2>/dev/null | grep -qx idle; then
     echo "start.sh: Slurm already running and idle"
     exit 0
 fi
@@ -99,7 +101,9 @@ slurmctld
 slurmd
 
 for ((i = 0; i < wait_s * 2; i++)); do
-    if sinfo -h -o %T 2>/dev/null | grep -qx idle; then
+    # Ask sinfo only when a controller process exists: with none, sinfo spends seconds retrying.
+if [[ -s /run/slurmctld.pid ]] && kill -0 "$(cat /run/slurmctld.pid)" 2>/dev/null \
+    && sinfo -h -o %T 2>/dev/null | grep -qx idle; then
         break
     fi
     sleep 0.5
@@ -113,4 +117,4 @@ srun -N1 -n1 true
 t_done=$(date +%s.%N)
 sinfo
 awk -v a="$t0" -v b="$t_installed" -v c="$t_daemons" -v d="$t_done" \
-    'BEGIN { printf "start.sh: install/check %.1fs, daemons to idle + srun true %.1fs\n", b - a, d - c }'
+    'BEGIN { printf "start.sh: install/check %.1fs, daemons to idle + srun true %.1fs, total %.1fs\n", b - a, d - c, d - a }'

@@ -19,8 +19,6 @@ Masks follow the PyTorch convention: ``key_padding_mask`` (B, Nk) and boolean
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -138,8 +136,3 @@ class MultiheadAttentionNoProj(nn.Module):
         bias = attention_bias(key_padding_mask, attn_mask, q.shape[2], k.shape[2], q.shape[0], q.dtype, q.device)
         out, weights = multi_head_attention(q, k, v, bias, self.dropout if self.training else 0.0, need_weights)
         return self.out_proj(merge_heads(out)), weights
-
-
-def head_scale(head_dim: int) -> float:
-    """The softmax temperature used for a head of width ``head_dim``."""
-    return 1.0 / math.sqrt(head_dim)

@@ -188,12 +188,6 @@ class ModelConfig:
         )
         return dataclasses.replace(self, criterion=crit, **values)
 
-    @property
-    def uses_reference_points(self) -> bool:
-        """Whether the decoder computes reference points (resolved config)."""
-        cfg = self.resolved()
-        return cfg.spatial_query != "none" or bool(cfg.offset_regression)
-
     def validate(self) -> None:
         positive = ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_classes",
                     "postprocess_topk")

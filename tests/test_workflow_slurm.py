@@ -7,6 +7,7 @@ after starting Slurm) a missing cluster is a failure instead of a skip.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -73,3 +74,29 @@ def test_failing_job_makes_snakemake_exit_nonzero(slurm_workdir: Path) -> None:
     assert "has been submitted with SLURM jobid" in output
     assert "FAILED" in output or "Error in rule train" in output
     assert not (slurm_workdir / target).exists()
+
+
+def _fake_gpus() -> int:
+    result = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=30)
+    counts = [int(part.rsplit(":", 1)[1].split("(")[0]) for part in result.stdout.split()
+              if part.startswith("gpu:")]
+    return max(counts, default=0)
+
+
+@pytest.mark.timeout(1200)
+def test_multi_gpu_training_is_one_task_running_torchrun(slurm_workdir: Path) -> None:
+    """gpu=2 → sbatch --gpus=2, one Slurm task, torchrun starts 2 processes (gloo on CPU here)."""
+    if _fake_gpus() < 2:
+        pytest.skip("the Slurm node advertises < 2 GPUs (start Slurm with REPLIC_SLURM_FAKE_GPUS=2)")
+    target = "runs_ddp/smoke/cdetr_r50_50ep/done.json"
+    result = snakemake(
+        slurm_workdir, target, "--profile", "profiles/slurm-ci", "--set-resources", "train:gpu=2",
+        "--config", "runs_dir=runs_ddp", timeout=1000,
+    )
+    _unlock_after(result, slurm_workdir)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "torchrun --standalone --nnodes=1 --nproc_per_node=2 -m replic" in output
+    provenance = json.loads((slurm_workdir / "runs_ddp" / "smoke" / "cdetr_r50_50ep" / "provenance.json").read_text())
+    assert provenance["world_size"] == 2
+    assert "SLURM_JOB_ID" in provenance["launcher"] and "TORCHELASTIC_RUN_ID" in provenance["launcher"]

@@ -35,8 +35,9 @@ rule train:
     shell:
         "{params.fail}"
         # One torchrun process per GPU: each gets its share of the CPUs.
-        "if [ {resources.gpu} -gt 0 ]; then export OMP_NUM_THREADS={resources.cpus_per_gpu};"
-        " else export OMP_NUM_THREADS={threads}; fi; "
+        "export OMP_NUM_THREADS={threads}; "
+        "if [ {resources.gpu} -gt 0 ] && [ {resources.cpus_per_gpu} -gt 0 ]; then"
+        " export OMP_NUM_THREADS={resources.cpus_per_gpu}; fi; "
         "if [ {resources.gpu} -gt 1 ]; then"
         " launch='torchrun --standalone --nnodes=1 --nproc_per_node={resources.gpu} -m replic';"
         " else launch='replic'; fi; "

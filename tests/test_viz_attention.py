@@ -126,6 +126,13 @@ def test_load_model_for_viz_run_and_converted_checkpoints(tiny_run, tmp_path):
     assert not vm.softmax
     for key, value in model.state_dict().items():
         assert torch.equal(vm.model.state_dict()[key], value), key
+    # The engine stores the resolved experiment in the checkpoint: no config.yaml needed beside it.
+    engine_style = tmp_path / "engine" / "checkpoint_final.pt"
+    engine_style.parent.mkdir()
+    exp = yaml.safe_load((run / "config.yaml").read_text())
+    torch.save({"model": model.state_dict(), "model_config": exp["model"], "config": exp}, engine_style)
+    vm_engine = load_model_for_viz(engine_style)
+    assert vm_engine.name == "tiny_cdetr" and vm_engine.data_config.val_size == 64
     # A converted official checkpoint carries its model config inside.
     converted = tmp_path / "converted.pt"
     torch.save({"model": model.state_dict(), "model_config": to_dict(tiny_config())}, converted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from replic.viz.attention import AttentionResult
 from replic.viz.extremity import (
     REGIONS,
     extremity_records,
+    merge_summaries,
     region_areas,
     region_fractions,
     summarize_by_head,
@@ -124,3 +126,20 @@ def test_degenerate_boxes_are_skipped_and_empty_summary_is_an_error():
     assert records == []
     with pytest.raises(ValueError, match="no attention records"):
         summarize_by_head(records)
+
+
+def test_merge_summaries_labels_runs_and_rejects_other_csvs(tmp_path):
+    maps = torch.full((1, 2, 32, 32), 1.0 / 1024)
+    paths = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.csv"
+        summarize_by_head(extremity_records([_result(maps)], kind="full", run="x")).to_csv(path, index=False)
+        paths.append(str(path))
+    out = tmp_path / "merged.csv"
+    merge_summaries(paths, ["detr_r50", "cdetr_r50"], str(out))
+    merged = pd.read_csv(out)
+    assert list(merged["run"]) == ["detr_r50", "detr_r50", "cdetr_r50", "cdetr_r50"]
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="other.csv: not an extremity summary"):
+        merge_summaries([str(other)], ["x"], str(out))

@@ -21,6 +21,7 @@ convention), so the statistic does not depend on resize or padding.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -137,8 +138,8 @@ def extremity_records(
     return rows
 
 
-def summarize_by_head(records: list[dict] | "pandas.DataFrame"):  # noqa: F821
-    """Aggregate per-query rows into one row per (run, layer, head): mean fractions.
+def summarize_by_head(records: Any) -> Any:
+    """Aggregate per-query rows (list of dicts or DataFrame) into a DataFrame, one row per (run, layer, head).
 
     Extra columns: ``edges`` (sum of the four bands), ``edge_lift`` (``edges`` divided by
     the bands' mean share of the image, i.e. how much more than uniform attention sits on

@@ -67,6 +67,19 @@ def render_attention_figures(
     return written
 
 
+def attention_over_images(
+    vm: VizModel, sources: list[str | int], layer: int = -1, queries: int = 5
+) -> list[AttentionResult]:
+    """Attention of the top ``queries`` on each image of ``sources``, one image per forward pass.
+
+    One image at a time, so no image is padded (the DC5 evaluation protocol).
+    """
+    results: list[AttentionResult] = []
+    for source in sources:
+        results.extend(attention_for(vm, load_images([source], vm.data_config), layer, queries))
+    return results
+
+
 def measure_extremity(
     vm: VizModel,
     sources: list[str | int],
@@ -75,21 +88,13 @@ def measure_extremity(
     band_frac: float = 0.25,
     kind: str = "spatial",
 ):
-    """Per-query rows and the per-head summary (pandas) of ``vm`` over ``sources``, one image at a time.
-
-    One image per forward pass, so no image is padded (the DC5 evaluation protocol).
-    """
+    """Per-query rows and the per-head summary (pandas) of ``vm`` over ``sources``."""
     import pandas as pd
 
     from replic.viz.extremity import extremity_records, summarize_by_head
 
-    records: list[dict] = []
-    for source in sources:
-        batch = load_images([source], vm.data_config)
-        with torch.no_grad():
-            results = attention_for(vm, batch, layer, queries)
-        records.extend(extremity_records(results, band_frac=band_frac, kind=kind, run=vm.name))
-    per_query = pd.DataFrame(records)
+    results = attention_over_images(vm, sources, layer, queries)
+    per_query = pd.DataFrame(extremity_records(results, band_frac=band_frac, kind=kind, run=vm.name))
     return per_query, summarize_by_head(per_query)
 
 

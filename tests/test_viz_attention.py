@@ -138,6 +138,13 @@ def test_load_model_for_viz_run_and_converted_checkpoints(tiny_run, tmp_path):
     torch.save({"model": model.state_dict(), "model_config": to_dict(tiny_config())}, converted)
     vm2 = load_model_for_viz(converted)
     assert vm2.model_config.arch == "conditional_detr" and vm2.data_config is None
+    # The same, converted to safetensors (config as JSON metadata).
+    from replic.models.convert import write_replic_checkpoint
+
+    safetensors = tmp_path / "converted.safetensors"
+    write_replic_checkpoint(safetensors, model.state_dict(), to_dict(tiny_config()), {"format": "test"})
+    vm3 = load_model_for_viz(safetensors)
+    assert torch.equal(vm3.model.state_dict()["class_embed.weight"], model.state_dict()["class_embed.weight"])
     # A config that does not match the weights names the problem.
     wrong = tmp_path / "wrong.pt"
     torch.save({"model": model.state_dict(), "model_config": to_dict(tiny_config("detr"))}, wrong)

@@ -88,7 +88,8 @@ def load_model_for_viz(
 
     Args:
         checkpoint: a replic run checkpoint (``checkpoint_final.pt``, ``checkpoints/last.pt``)
-            or a converted official checkpoint (``model`` + ``model_config``).
+            or a converted official checkpoint (``model`` + ``model_config``; ``.pt`` or
+            ``.safetensors``, as ``replic convert`` writes them).
         config: optional experiment/run YAML or ``ModelConfig`` overriding what the checkpoint carries.
         scale: scale overlay applied when ``config`` is an experiment YAML.
         device: where the model lives.
@@ -97,7 +98,13 @@ def load_model_for_viz(
     from replic.models.build import build_model
 
     path = Path(checkpoint)
-    data = load_checkpoint(path)
+    if path.suffix == ".safetensors":  # converted official weights: config in the metadata
+        from replic.models.convert import load_replic_checkpoint
+
+        model_config, state, _ = load_replic_checkpoint(path)
+        data = {"model": state, "model_config": model_config}
+    else:
+        data = load_checkpoint(path)
     data_cfg: DataConfig | None = None
     name = ""
     if isinstance(config, ModelConfig):

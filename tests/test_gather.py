@@ -59,7 +59,9 @@ def _fabricate_runs(runs: Path) -> None:
     (good / "provenance.json").write_text(json.dumps({"git": {"commit": "c0ffee", "dirty": False}}))
     (good / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 6}}))
     (good / "metrics.jsonl").write_text(
-        json.dumps({"epoch": 0, "step": 8, "loss": 3.0}) + "\n"
+        json.dumps({"epoch": 0, "step": 8, "loss": 3.0, "type": "epoch"}) + "\n"
+        + json.dumps({"epoch": 1, "step": 12, "loss": 9.0, "type": "step"}) + "\n"
+        + json.dumps({"epoch": 1, "step": 16, "loss": 2.5, "type": "epoch"}) + "\n"
         + json.dumps({"epoch": 2, "step": 24, "eval": {"AP": 0.1}}) + "\n"
         + '{"epoch": 3, "AP": 0.2'  # a torn last line of a killed run
     )
@@ -148,6 +150,8 @@ def test_curve_skips_torn_lines_and_ends_with_the_final_evaluation(tmp_path: Pat
     assert read_curve(run / "metrics.jsonl") == [(2.0, 0.1)]
     result = gather_mod.read_run(run)
     assert result.curve == [(2.0, 0.1), (6.0, pytest.approx(0.3512))]
+    # Only per-epoch records make the loss curve (step records are noisier partial means).
+    assert result.loss_curve == [(0.0, 3.0), (1.0, 2.5)]
     assert math.isnan(result.metrics["APs"])
 
 

@@ -44,6 +44,7 @@ class RunResult:
     git_dirty: bool | None = None
     problem: str | None = None  # why metrics is None
     curve: list[tuple[float, float]] = field(default_factory=list)  # (epoch, AP fraction)
+    loss_curve: list[tuple[float, float]] = field(default_factory=list)  # (epoch, training loss)
 
 
 def _read_json(path: Path) -> Any:
@@ -86,6 +87,24 @@ def read_curve(metrics_jsonl: Path) -> list[tuple[float, float]]:
     return sorted(set(points))
 
 
+def read_loss_curve(metrics_jsonl: Path) -> list[tuple[float, float]]:
+    """(epoch, loss) of the per-epoch records (``"type": "epoch"``) of a run's metrics.jsonl."""
+    points: dict[float, float] = {}
+    if not metrics_jsonl.is_file():
+        return []
+    for line in metrics_jsonl.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or record.get("type") != "epoch":
+            continue
+        epoch, loss = record.get("epoch"), record.get("loss")
+        if isinstance(epoch, (int, float)) and isinstance(loss, (int, float)) and math.isfinite(loss):
+            points[float(epoch)] = float(loss)  # a resumed run may log an epoch twice: keep the last
+    return sorted(points.items())
+
+
 def read_run(run_dir: Path) -> RunResult:
     """Read the evaluation and provenance of one run directory, tolerating anything missing."""
     result = RunResult(run_dir=str(run_dir))
@@ -117,6 +136,7 @@ def read_run(run_dir: Path) -> RunResult:
         result.git_commit = provenance["git"].get("commit")
         result.git_dirty = provenance["git"].get("dirty")
     result.curve = read_curve(run_dir / "metrics.jsonl")
+    result.loss_curve = read_loss_curve(run_dir / "metrics.jsonl")
     final_epochs = _configured_epochs(run_dir / "config.yaml")
     if result.metrics is not None and final_epochs is not None and not math.isnan(result.metrics.get("AP", NAN)):
         # The final evaluation closes the curve at the end of the last epoch.
@@ -340,29 +360,32 @@ def plot_ap_bars(table: Table, rows: list[GatheredRow], scale: str, path: Path) 
 
 
 def plot_curves(table: Table, rows: list[GatheredRow], scale: str, path: Path) -> None:
-    """AP (×100) against epoch for every run of the table that logged evaluations."""
+    """Per run of the table: training loss and AP (×100) against epoch, from metrics.jsonl + eval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4.2))
     seen: set[str] = set()
-    drawn = 0
     for g in rows:
-        if g.run is None or g.row.experiment in seen or not g.run.curve:
+        if g.run is None or g.row.experiment in seen:
             continue
         seen.add(g.row.experiment or "")
-        epochs, aps = zip(*g.run.curve)
-        ax.plot(epochs, [a * 100 for a in aps], marker="o", markersize=3, label=g.row.experiment)
-        drawn += 1
-    if drawn == 0:
-        ax.text(0.5, 0.5, "no AP logged during training", ha="center", va="center", transform=ax.transAxes)
-    else:
-        ax.legend(fontsize=6)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("AP")
-    ax.set_title(f"{table.title} — {scale} scale", fontsize=8)
+        if g.run.loss_curve:
+            epochs, losses = zip(*g.run.loss_curve)
+            ax_loss.plot(epochs, losses, marker="o", markersize=2, label=g.row.experiment)
+        if g.run.curve:
+            epochs, aps = zip(*g.run.curve)
+            ax_ap.plot(epochs, [a * 100 for a in aps], marker="o", markersize=3, label=g.row.experiment)
+    for ax, what in ((ax_loss, "training loss"), (ax_ap, "AP")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        if ax.get_lines():
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, f"no {what} logged", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"{table.title} — {scale} scale", fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)

@@ -265,3 +265,19 @@ def test_position_encoding_layout_y_before_x():
     emb = gen_sineembed_for_position(torch.tensor([[0.25, 0.75]]), d_model=16)
     torch.testing.assert_close(emb[0, 0], torch.tensor(0.75 * 2 * torch.pi).sin())  # y first
     torch.testing.assert_close(emb[0, 8], torch.tensor(0.25 * 2 * torch.pi).sin())
+
+
+def test_heads_and_reference_points_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    images, mask, _ = tiny_batch()
+    with torch.no_grad():
+        full = model(images, mask)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            mixed = model(images, mask)
+    assert not torch.equal(mixed["pred_logits"], full["pred_logits"])  # autocast was active (bf16 matmuls)
+    for key in ("pred_logits", "pred_boxes", "reference_points"):
+        assert mixed[key].dtype == torch.float32, key
+    # Reference points do not depend on the image: fp32 in both runs, hence identical.
+    torch.testing.assert_close(mixed["reference_points"], full["reference_points"])
+    torch.testing.assert_close(mixed["pred_boxes"], full["pred_boxes"], atol=0.05, rtol=0)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from replic.models.backbone import Joiner
 from replic.models.box_ops import inverse_sigmoid
-from replic.models.transformer import MLP, Transformer
+from replic.models.transformer import MLP, Transformer, float32_region
 
 
 class ExtraQueries(TypedDict, total=False):
@@ -145,13 +145,16 @@ class Detector(nn.Module):
         """Shared class/box heads on every decoder layer of one query group."""
         hs = decoded["hs"]
         reference_points = decoded["reference_points"]
-        logits = self.class_embed(hs)
-        box_raw = self.bbox_embed(hs)
-        if self.offset_regression:
-            # Centre as an offset from the reference point in inverse-sigmoid space.
-            offset = inverse_sigmoid(reference_points)
-            box_raw = torch.cat((box_raw[..., :2] + offset, box_raw[..., 2:]), dim=-1)
-        boxes = box_raw.sigmoid()
+        # Heads in fp32 even under bf16/fp16 autocast: bf16 keeps ~3 significant digits, i.e.
+        # box coordinates quantised to ~2-3 px at 1333 px. The heads are a negligible cost.
+        with float32_region(hs):
+            logits = self.class_embed(hs.float())
+            box_raw = self.bbox_embed(hs.float())
+            if self.offset_regression:
+                # Centre as an offset from the reference point in inverse-sigmoid space.
+                offset = inverse_sigmoid(reference_points.float())
+                box_raw = torch.cat((box_raw[..., :2] + offset, box_raw[..., 2:]), dim=-1)
+            boxes = box_raw.sigmoid()
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "hs": hs}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]

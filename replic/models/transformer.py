@@ -16,6 +16,11 @@ from torch import Tensor, nn
 from replic.models.attention import PackedMultiheadAttention
 
 
+def float32_region(tensor: Tensor) -> torch.autocast:
+    """A region where autocast is off (fp32 maths) on ``tensor``'s device type."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU in between (``layers.{i}`` names as the official ``MLP``)."""
 
@@ -97,7 +102,8 @@ class ReferencePointSource(nn.Module):
         if self.reference_point is None:
             return None
         if self.reference_point == "predicted":
-            return self.ref_point_head(query_pos).sigmoid()
+            with float32_region(query_pos):  # points feed the box offsets: keep them fp32
+                return self.ref_point_head(query_pos.float()).sigmoid()
         b, q, _ = query_pos.shape
         if self.reference_point == "learned":
             weight = self.ref_point_embed.weight

@@ -93,6 +93,19 @@ def test_top_queries_boxes_and_layers_follow_the_model_outputs(tiny_model):
                                                                 (cx + bw / 2) * w, (cy + bh / 2) * h], rel=1e-5)
 
 
+def test_explicit_query_indices(tiny_model):
+    _, model = tiny_model
+    batch = _padded_batch()
+    picks = [torch.tensor([7, 2]), torch.tensor([0])]
+    results = extract_attention(model, batch.images, batch.mask, batch.targets, query_indices=picks)
+    with torch.no_grad():
+        out = model(batch.images, batch.mask, return_attention=True)
+    for b, res in enumerate(results):
+        assert res.query_indices.tolist() == picks[b].tolist()
+        expected = out["attention"][-1]["cross_attn"][b][:, picks[b]].transpose(0, 1)
+        assert torch.allclose(res.cross_attn.flatten(-2), expected)
+
+
 def test_bad_arguments_are_rejected(tiny_model):
     _, model = tiny_model
     batch = _padded_batch()

@@ -18,7 +18,8 @@ torch.distributed is initialised, ÷ world size, clamped ≥ 1.
 Extra terms (distillation, KS-DETR branches …) plug in with :meth:`SetCriterion.register_loss`:
 a callable ``fn(outputs, targets, context) -> dict[str, Tensor]`` whose keys get weights
 in ``weight_dict``; ``context`` carries ``indices`` (last-layer matching), ``aux_indices`` and
-``num_boxes``.
+``num_boxes``. ``outputs["extra_groups"]`` (D³ETR query groups) is not scored by the built-in
+terms; a registered loss decides what those groups learn from.
 """
 
 from __future__ import annotations

@@ -125,3 +125,17 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     torch.save({"something": 1}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="x.pt.*no 'model'"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+def test_loader_batches_do_not_depend_on_the_number_of_workers():
+    from torch.utils.data import DataLoader
+
+    data = SeededDataset(_RandomItems(), seed=3)
+
+    def batches(workers: int) -> list:
+        sampler = EpochBatchSampler(4, 2, seed=3, epoch=1)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=workers,
+                            generator=torch.Generator().manual_seed(0))
+        return [[tuple(float(x) for x in item) for item in zip(*batch)] for batch in loader]
+
+    assert batches(0) == batches(2)

@@ -197,16 +197,19 @@ def train_annotation_file(data: DataConfig) -> Path:
 
 
 def resolve_raw(config_path: str | Path, scale: str | None = None) -> dict[str, Any]:
-    """Experiment YAML (+ extends chain) with the scale overlay merged in, as plain data."""
+    """Experiment YAML (+ extends chain) with the scale overlay merged in, as plain data.
+
+    The recorded ``scale`` is the overlay's own ``scale:`` key when it has one (so a copied
+    overlay such as the workflow's ``runs/smoke/scale.yaml`` still says ``smoke``), else
+    the scale name or the overlay file's stem; ``paper`` without an overlay.
+    """
     raw = load_with_extends(config_path)
-    scale_name = "paper"
+    raw.setdefault("scale", "paper")
     if scale is not None:
         overlay = load_with_extends(find_scale_file(scale, config_path))
         raw = deep_merge(raw, overlay)
-        scale_name = scale if scale in SCALE_NAMES else str(Path(scale).stem)
-    raw.setdefault("scale", scale_name)
-    if scale is not None:
-        raw["scale"] = scale_name
+        if "scale" not in overlay:
+            raw["scale"] = scale if scale in SCALE_NAMES else Path(scale).stem
     raw.setdefault("name", Path(config_path).stem)
     return raw
 
@@ -243,6 +246,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
+        if isinstance(value, str):
+            # YAML 1.1 reads "5e-4" (no dot) as a string; on the command line it means a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         parts = key.strip().split(".")
         node = result
         for part in parts[:-1]:

@@ -82,10 +82,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; errors name the file."""
+    """Load a checkpoint with ``weights_only=True`` (or a converted ``.safetensors``); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        # A converted official checkpoint (replic convert): weights + model_config in metadata.
+        from replic.models.convert import load_replic_checkpoint
+
+        model_config, state, source = load_replic_checkpoint(path)
+        return {"model": state, "model_config": model_config, "source": source}
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types; re-raise with the file

@@ -32,13 +32,14 @@ def _git(args: list[str], cwd: Path) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip()
+    return out.stdout.rstrip("\n")  # keep porcelain's leading status columns
 
 
 def git_info(path: str | Path | None = None) -> dict[str, Any]:
     """Commit of the replic source tree and whether tracked files differ from it."""
     root = Path(path) if path is not None else Path(__file__).resolve().parents[2]
     commit = _git(["rev-parse", "HEAD"], root)
+    commit = commit.strip() if commit else None
     if commit is None:
         return {"commit": None, "dirty": None, "dirty_files": []}
     status = _git(["status", "--porcelain", "--untracked-files=no"], root) or ""

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbclient  # the "notebook" extra; a hard import so CI without it fails loudly, not skips
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

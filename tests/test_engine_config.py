@@ -28,7 +28,7 @@ def test_there_is_one_experiment_per_table_row():
     for backbone in ("r50", "dc5_r50", "r101", "dc5_r101"):
         for epochs in (50, 75, 108):
             assert f"cdetr_{backbone}_{epochs}ep" in names
-        assert f"detr_{backbone}_50ep" in names
+        assert f"detr_{backbone}_50ep" in names and f"detr_{backbone}_500ep" in names
     for variant in ("csq_c", "csq_t", "csq_p", "csq_i", "lambda_identity", "lambda_scalar",
                     "lambda_block_diagonal", "lambda_full", "refpt_zero", "refpt_learned"):
         assert f"cdetr_r50_50ep_{variant}" in names
@@ -43,10 +43,11 @@ def test_every_experiment_validates_at_paper_scale_without_reading_data(path):
     dc5 = "dc5" in path.stem
     assert cfg.model.dilation is dc5
     # Paper batch sizes: 2 per GPU, DC5 1 per GPU, for training and evaluation (pitfall 2).
-    assert cfg.train.batch_size == cfg.eval.batch_size == (1 if dc5 else 2)
+    assert cfg.train.batch_size == (1 if dc5 else (4 if cfg.train.epochs == 500 else 2))
+    assert cfg.eval.batch_size == (1 if dc5 else 2)
     epochs = int(path.stem.split("_")[-1].rstrip("ep")) if path.stem.endswith("ep") else 50
     assert cfg.train.epochs == epochs
-    assert cfg.train.lr_drop == {50: 40, 75: 60, 108: 80}[cfg.train.epochs]
+    assert cfg.train.lr_drop == {50: 40, 75: 60, 108: 80, 500: 400}[cfg.train.epochs]
     assert cfg.train.weight_decay_norm is None and cfg.train.clip_max_norm == 0.1
     assert cfg.seed == 42
 

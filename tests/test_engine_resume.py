@@ -109,6 +109,14 @@ def test_sigkill_then_rerun_resumes_from_epoch_checkpoint(tmp_path, data_root, r
 
 
 def test_rerun_with_different_config_is_refused_naming_the_key(tmp_path, data_root, reference):
-    result = run(train_command(reference, data_root, [*EXTRA, "train.lr=0.0005"]))
+    result = run(train_command(reference, data_root, [*EXTRA, "train.lr=0.00077"]))
     assert result.returncode != 0
     assert "train.lr" in result.stderr and "different config" in result.stderr
+
+
+def test_rerunning_a_finished_run_is_a_no_op(data_root, reference):
+    before = {p: p.read_bytes() for p in (reference / "done.json", reference / "checkpoint_final.pt")}
+    again = run(train_command(reference, data_root, EXTRA))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete" in again.stderr
+    assert {p: p.read_bytes() for p in before} == before

@@ -139,3 +139,19 @@ def test_loader_batches_do_not_depend_on_the_number_of_workers():
         return [[tuple(float(x) for x in item) for item in zip(*batch)] for batch in loader]
 
     assert batches(0) == batches(2)
+
+
+def test_rank_detection_torchrun_then_slurm_then_single(monkeypatch):
+    from replic.engine.distributed import DistInfo, detect
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert detect() == DistInfo(0, 1, 0)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert detect() == DistInfo(rank=3, world_size=4, local_rank=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's variables win inside a Slurm job
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert detect() == DistInfo(rank=1, world_size=2, local_rank=1)

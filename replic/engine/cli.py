@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from replic.engine.train import EXIT_PREEMPTED
+from replic.engine.exit_codes import EXIT_PREEMPTED
 
 SCALE_HELP = "scale overlay: 'smoke', 'paper' or a path to an overlay YAML (default: paper as written)"
 

@@ -50,7 +50,8 @@ from replic.engine.sampling import EpochBatchSampler, SeededDataset
 log = logging.getLogger("replic.engine")
 
 # Exit code after a checkpoint taken on SIGTERM/SIGUSR1 (EX_TEMPFAIL: "try again").
-EXIT_PREEMPTED = 75
+from replic.engine.exit_codes import EXIT_PREEMPTED  # noqa: E402  (re-exported)
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

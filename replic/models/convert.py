@@ -20,20 +20,20 @@ built from those options, and written as a replic checkpoint::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from replic.io import atomic_path  # noqa: I001
 
 log = logging.getLogger(__name__)
 
@@ -280,23 +280,15 @@ def write_replic_checkpoint(
 ) -> None:
     """Write ``{model, model_config, source}`` atomically (torch or safetensors by suffix)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             metadata = {"model_config": json.dumps(dict(model_config), sort_keys=True),
                         "source": json.dumps(dict(source), sort_keys=True)}  # fmt: skip
-            save_file(dict(state), tmp, metadata=metadata)
+            save_file(dict(state), str(tmp), metadata=metadata)
         else:
             torch.save({"model": dict(state), "model_config": dict(model_config), "source": dict(source)}, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def load_replic_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:

@@ -2,6 +2,7 @@
 #
 #   snakemake --cores all results/table_cdetr_ablations.csv        # smoke scale, tiny data, CPU
 #   snakemake --profile slurm --config scale=paper coco_root=/data/coco results/table_conditional_detr.csv
+#   snakemake --cores all results/figures/table_cdetr_ablations_extremity.csv   # attention figures
 #   snakemake --report results/report.html                         # tables + figures as HTML
 #
 # The DAG is derived from the table registry (configs/tables.yaml): each table's rows
@@ -32,6 +33,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/runs.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/figures.smk"
 
 
 # Cheap bookkeeping runs on the submitting host, not as cluster jobs.
@@ -43,7 +45,8 @@ localrules:
 
 
 rule all:
-    """Every paper table (test-only tables such as smoke_ci are built only on request)."""
+    """Every paper table with its attention figures (test-only tables such as smoke_ci only on request)."""
     input:
         [table_outputs(name) for name in PAPER_TABLES],
+        [f"results/figures/table_{name}_extremity.csv" for name in PAPER_TABLES],
     default_target: True

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(results/table_cdetr_ablations.csv)
+[ ${#targets[@]} -gt 0 ] || targets=(results/table_cdetr_ablations.csv results/figures/table_cdetr_ablations_extremity.csv)
 start=$(date +%s)
 snakemake --cores all "${targets[@]}"
 echo

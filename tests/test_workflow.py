@@ -135,6 +135,26 @@ def test_smoke_dag_synthesises_data_and_needs_no_gpu(tmp_path: Path) -> None:
     assert "gpu=0" in result.stdout and "gpu=8" not in result.stdout
 
 
+def test_smoke_dag_of_attention_figures(tmp_path: Path) -> None:
+    """The figures target renders every run of the table, and DETR vs Conditional DETR once."""
+    workdir = copy_workflow(tmp_path / "wf")
+    result = snakemake(workdir, "-n", "--cores", "2", "results/figures/table_smoke_ci_extremity.csv")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert {rule: counts.get(rule) for rule in ("train", "viz_attention", "viz_extremity", "viz_compare", "table_attention")} == {
+        "train": 2, "viz_attention": 2, "viz_extremity": 2, "viz_compare": 1, "table_attention": 1,
+    }
+    assert "compare/cdetr_r50_50ep_vs_detr_r50_50ep" in result.stdout
+
+
+def test_default_target_includes_the_figures(tmp_path: Path) -> None:
+    result = snakemake(copy_workflow(tmp_path / "wf"), "-n", "--cores", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    runs = len(registry().experiments([n for n, t in registry().tables.items() if not t.test_only]))
+    assert counts["viz_extremity"] == counts["viz_attention"] == counts["train"] == runs
+
+
 def test_paper_scale_without_coco_root_says_what_to_type(tmp_path: Path) -> None:
     result = snakemake(copy_workflow(tmp_path / "wf"), "-n", "--config", "scale=paper")
     assert result.returncode != 0

@@ -100,3 +100,23 @@ def test_multi_gpu_training_is_one_task_running_torchrun(slurm_workdir: Path) ->
     provenance = json.loads((slurm_workdir / "runs_ddp" / "smoke" / "cdetr_r50_50ep" / "provenance.json").read_text())
     assert provenance["world_size"] == 2
     assert "SLURM_JOB_ID" in provenance["launcher"] and "TORCHELASTIC_RUN_ID" in provenance["launcher"]
+
+
+@pytest.mark.timeout(900)
+def test_attention_figures_through_slurm(slurm_workdir: Path) -> None:
+    """The figure rules of the trained smoke table, submitted through sbatch as well."""
+    if not (slurm_workdir / "results" / "table_smoke_ci.csv").is_file():
+        pytest.fail("needs the runs of test_smoke_table_through_slurm (run the module, not this test alone)")
+    target = "results/figures/table_smoke_ci_extremity.csv"
+    result = snakemake(slurm_workdir, target, "--profile", "profiles/slurm-ci", timeout=700)
+    _unlock_after(result, slurm_workdir)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count("has been submitted with SLURM jobid") == 5  # 2 attention, 2 extremity, 1 compare
+    with (slurm_workdir / target).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["run"] for r in rows} == {"detr_r50_50ep", "cdetr_r50_50ep"}
+    figures = slurm_workdir / "results" / "figures" / "smoke"
+    for folder in ("attention/detr_r50_50ep", "attention/cdetr_r50_50ep", "compare/cdetr_r50_50ep_vs_detr_r50_50ep"):
+        pngs = list((figures / folder).glob("*.png"))
+        assert pngs and all(p.stat().st_size > 0 for p in pngs), folder

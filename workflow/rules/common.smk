@@ -107,3 +107,32 @@ def table_evaluations(wildcards):
         f"{RUNS}/{SCALE}/{experiment}/eval/metrics.json"
         for experiment in REGISTRY.experiments([wildcards.table])
     ]
+
+
+# Attention figures (workflow/rules/figures.smk). Settings can be overridden with
+# --config viz_images=4 viz_queries=3 viz_layer=-1 viz_band=0.25 (read with defaults).
+VIZ_IMAGES = int(config.get("viz_images", 8))
+VIZ_FIGURE_IMAGES = int(config.get("viz_figure_images", 2))
+VIZ_QUERIES = int(config.get("viz_queries", 3))
+VIZ_LAYER = int(config.get("viz_layer", -1))
+VIZ_BAND = float(config.get("viz_band", 0.25))
+
+
+def viz_baseline(experiment, experiments):
+    """The DETR run to compare a Conditional DETR run with, if the table has one."""
+    if experiment.startswith("cdetr_"):
+        twin = f"detr_{experiment.removeprefix('cdetr_')}"
+        if twin in experiments:
+            return twin
+    return None
+
+
+def table_viz_inputs(wildcards):
+    experiments = REGISTRY.experiments([wildcards.table])
+    figures = [f"results/figures/{SCALE}/attention/{e}" for e in experiments]
+    pairs = [(e, viz_baseline(e, experiments)) for e in experiments]
+    figures += [f"results/figures/{SCALE}/compare/{e}_vs_{b}" for e, b in pairs if b]
+    return {
+        "summaries": [f"results/figures/{SCALE}/extremity/{e}.csv" for e in experiments],
+        "figures": figures,
+    }

@@ -6,7 +6,7 @@ jittered, the rest random false positives), fixed seed. Both backends score the
 same in-memory inputs through ``replic.eval.score`` (validation and copying
 included, as in real use); the script prints each time and AP.
 
-    /tmp/venv0/bin/python benchmarks/bench_score.py [--images 5000] [--dets-per-image 100]
+    python benchmarks/bench_score.py [--images 5000] [--dets-per-image 100]
 """
 
 from __future__ import annotations

@@ -138,8 +138,11 @@ def test_smoke_dag_synthesises_data_and_needs_no_gpu(tmp_path: Path) -> None:
 def test_smoke_dag_of_attention_figures(tmp_path: Path) -> None:
     """The figures target renders every run of the table, and DETR vs Conditional DETR once."""
     workdir = copy_workflow(tmp_path / "wf")
-    result = snakemake(workdir, "-n", "--cores", "2", "results/figures/table_smoke_ci_extremity.csv")
+    result = snakemake(workdir, "-n", "-p", "--cores", "2", "results/figures/table_smoke_ci_extremity.csv",
+                       "--config", "viz_images=4", "viz_queries=2")
     assert result.returncode == 0, result.stdout + result.stderr
+    # The documented overrides pass the schema and reach the commands.
+    assert result.stdout.count("--images 4 --queries 2 --layer -1 --band 0.25") == 2
     counts = job_counts(result.stdout)
     assert {rule: counts.get(rule) for rule in ("train", "viz_attention", "viz_extremity", "viz_compare", "table_attention")} == {
         "train": 2, "viz_attention": 2, "viz_extremity": 2, "viz_compare": 1, "table_attention": 1,
@@ -161,7 +164,7 @@ def test_paper_scale_without_coco_root_says_what_to_type(tmp_path: Path) -> None
     assert "coco_root=/path/to/coco" in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize(("override", "message"), [("scale=huge", "huge"), ("tiny_data=3", "tiny_data")])
+@pytest.mark.parametrize(("override", "message"), [("scale=huge", "huge"), ("tiny_data=3", "tiny_data"), ("viz_band=0.9", "viz_band")])
 def test_invalid_config_is_rejected_before_the_dag(tmp_path: Path, override: str, message: str) -> None:
     result = snakemake(copy_workflow(tmp_path / "wf"), "-n", "--config", override)
     assert result.returncode != 0

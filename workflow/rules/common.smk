@@ -109,13 +109,12 @@ def table_evaluations(wildcards):
     ]
 
 
-# Attention figures (workflow/rules/figures.smk). Settings can be overridden with
-# --config viz_images=4 viz_queries=3 viz_layer=-1 viz_band=0.25 (read with defaults).
-VIZ_IMAGES = int(config.get("viz_images", 8))
-VIZ_FIGURE_IMAGES = int(config.get("viz_figure_images", 2))
-VIZ_QUERIES = int(config.get("viz_queries", 3))
-VIZ_LAYER = int(config.get("viz_layer", -1))
-VIZ_BAND = float(config.get("viz_band", 0.25))
+# Attention figures (workflow/rules/figures.smk); defaults in config/config.yaml.
+VIZ_IMAGES = config["viz_images"]
+VIZ_FIGURE_IMAGES = config["viz_figure_images"]
+VIZ_QUERIES = config["viz_queries"]
+VIZ_LAYER = config["viz_layer"]
+VIZ_BAND = config["viz_band"]
 
 
 def viz_baseline(experiment, experiments):

@@ -7,8 +7,8 @@
 # summary (results/figures/<scale>/extremity/<experiment>.csv). Per table: every run's
 # summary in one CSV, plus DETR vs Conditional DETR side by side for each Conditional
 # DETR run whose DETR twin (same name with detr_ for cdetr_) is in the same table.
-# Settings can be overridden with --config viz_images=4 viz_queries=3 viz_layer=-1 viz_band=0.25
-# (read with defaults, so the main config needs no new keys).
+# Settings (config/config.yaml, validated by the schema) can be overridden, e.g.
+# --config viz_images=4 viz_queries=3 viz_layer=-1 viz_band=0.25.
 
 rule viz_attention:
     """Per-head cross-attention (and spatial-only) figures of one run on the first val images."""

@@ -16,7 +16,7 @@ timm's resnet50, and its loss is HF's ``ConditionalDetrForObjectDetection`` loss
 
 Usage:
     python benchmarks/bench_train_step.py [--device cpu|cuda] [--amp none|bf16]
-        [--warmup 3] [--steps 5] [--size 512] [--threads N]
+        [--warmup 3] [--steps 5] [--size 512] [--threads N] [--models replic,replic-nchw,hf]
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ def _batch(size: int, device):
     return images, mask, targets
 
 
-def _replic_step_fn(device, size: int):
+def _replic_step_fn(device, size: int, channels_last: bool = True):
     import torch
 
     from replic.engine.config import TrainConfig
     from replic.engine.optim import build_optimizer
     from replic.models import ModelConfig, build_criterion, build_model
 
-    cfg = ModelConfig(backbone="resnet50", pretrained_backbone="none", num_classes=NUM_CLASSES)
+    cfg = ModelConfig(backbone="resnet50", pretrained_backbone="none", num_classes=NUM_CLASSES,
+                      channels_last=channels_last)
     model = build_model(cfg).to(device).train()
     criterion = build_criterion(cfg).to(device)
     optimizer = build_optimizer(model, TrainConfig())
@@ -125,8 +126,10 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    build = _replic_step_fn if args.worker == "replic" else _hf_step_fn
-    model, step = build(device, args.size)
+    if args.worker == "hf":
+        model, step = _hf_step_fn(device, args.size)
+    else:
+        model, step = _replic_step_fn(device, args.size, channels_last=args.worker != "replic-nchw")
     if device.type == "cuda" and args.amp == "bf16":
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     else:
@@ -161,7 +164,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--models", default="replic,hf")
+    parser.add_argument("--models", default="replic,hf",
+                        help="comma list of replic (channels-last backbone, the default), "
+                             "replic-nchw (the same model in NCHW order) and hf")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -188,6 +193,7 @@ def main() -> int:
     for row in rows:
         q1, med, q3 = _quantiles(row["times"])
         label = {"replic": "replic Conditional DETR-R50",
+                 "replic-nchw": "replic Conditional DETR-R50, NCHW backbone",
                  "hf": "HF ConditionalDetrForObjectDetection"}[row["model"]]
         print(f"| {label} | {row['params'] / 1e6:.1f} | {med:.3f} | {q1:.3f}-{q3:.3f} | "
               f"{min(row['times']):.3f}-{max(row['times']):.3f} | {row['peak_mib']:.0f} |")

@@ -20,7 +20,8 @@ def build_model(cfg: ModelConfig) -> Detector:
     cfg = cfg.resolved()
     assert cfg.num_queries is not None  # resolved() fills every switch
     body = Backbone(cfg.backbone, train_backbone=cfg.train_backbone, dilation=cfg.dilation,
-                    pretrained=cfg.pretrained_backbone, levels=tuple(cfg.backbone_levels))
+                    pretrained=cfg.pretrained_backbone, levels=tuple(cfg.backbone_levels),
+                    channels_last=cfg.channels_last)
     backbone = Joiner(body, PositionEmbeddingSine(cfg.hidden_dim // 2, normalize=True))
     encoder = TransformerEncoder(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.enc_layers)
     if cfg.spatial_query == "none":

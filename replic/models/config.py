@@ -100,6 +100,10 @@ class ModelConfig:
         train_backbone: False freezes the whole backbone (official: ``lr_backbone <= 0``).
         backbone_levels: which maps the detector returns under ``outputs["features"]``
             (C2..C5 = layer1..layer4). Only C5 feeds the transformer.
+        channels_last: run the ResNet body in channels-last (NHWC) memory order — faster
+            convolutions (measured on CPU: benchmarks/results_cpu.md); outputs differ from
+            NCHW by float rounding only (tests/test_models_channels_last.py). Not part of
+            the architecture: checkpoints load either way.
 
     Transformer (``main.py`` defaults): hidden_dim 256, nheads 8, enc_layers 6, dec_layers 6,
     dim_feedforward 2048, dropout 0.1 (attention weights and FFN), post-norm.
@@ -153,6 +157,7 @@ class ModelConfig:
     pretrained_backbone: str = "none"
     train_backbone: bool = True
     backbone_levels: list[BackboneLevel] = field(default_factory=lambda: ["C5"])
+    channels_last: bool = True
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6

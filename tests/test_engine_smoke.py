@@ -63,6 +63,10 @@ def test_smoke_training_learns_and_eval_reproduces(tmp_path, tiny):
     assert ev.returncode == 0, ev.stderr[-3000:]
     record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert record["metrics"] == trained
+    diagnostics = record["diagnostics"]
+    assert diagnostics == json.loads((out / "eval" / "metrics.json").read_text())["diagnostics"]
+    assert 0.15 < diagnostics["gt_box_std"] < 0.35  # tiny val set: 0.23
+    assert 0.0 < diagnostics["box_std_across_images"] < diagnostics["gt_box_std"]
     assert record["eval"]["batch_size_per_process"] == 4 and "provenance" in record
     assert record["provenance"]["git"]["commit"]
     assert (tmp_path / "eval" / "detections.json").read_bytes() == (out / "eval" / "detections.json").read_bytes()
@@ -83,3 +87,7 @@ def test_smoke_training_learns_and_eval_reproduces(tmp_path, tiny):
                    "--set", f"data.root={tiny}", "--no-progress"))
     assert ev0.returncode == 0, ev0.stderr[-3000:]
     assert (tmp_path / "eval0" / "detections.json").read_bytes() != (out / "eval" / "detections.json").read_bytes()
+    # Untrained Conditional DETR: the last box layer is zero, every box sits at its query's
+    # reference point whatever the image — exactly no spread.
+    untrained = json.loads((tmp_path / "eval0" / "metrics.json").read_text())["diagnostics"]
+    assert untrained["box_std_across_images"] == 0.0

@@ -54,7 +54,9 @@ def _registry(tmp_path: Path) -> Path:
 def _fabricate_runs(runs: Path) -> None:
     good = runs / "smoke" / "exp_good"
     (good / "eval").mkdir(parents=True)
-    (good / "eval" / "metrics.json").write_text(json.dumps({"metrics": METRICS, "provenance": {}}))
+    (good / "eval" / "metrics.json").write_text(json.dumps({
+        "metrics": METRICS, "provenance": {},
+        "diagnostics": {"box_std_across_images": 0.0125, "gt_box_std": 0.23}}))
     (good / "config.sha256").write_text("abcdef0123456789\n")
     (good / "provenance.json").write_text(json.dumps({"git": {"commit": "c0ffee", "dirty": False}}))
     (good / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 6}}))
@@ -97,6 +99,8 @@ def test_gather_numbers_missing_rows_and_provenance(tmp_path: Path) -> None:
     assert good["GFLOPs_paper"] == "90"
     assert (good["run_dir"], good["config_sha256"], good["git_commit"], good["git_dirty"]) == (
         str(tmp_path / "runs" / "smoke" / "exp_good"), "abcdef0123456789", "c0ffee", "false")
+    # The eval diagnostics travel as they are (fractions of the image side, not AP points).
+    assert (float(good["box_std"]), float(good["gt_box_std"])) == (0.0125, 0.23)
     # The shared run fills both rows with the same numbers.
     assert rows["good_again"]["AP_ours"] == good["AP_ours"]
     assert float(rows["good_again"]["AP_diff"]) == pytest.approx(35.12 - 41.0)
@@ -105,7 +109,7 @@ def test_gather_numbers_missing_rows_and_provenance(tmp_path: Path) -> None:
         row = rows[row_id]
         assert row["status"] == "missing"
         assert all(row[f"{m}_ours"] == "" and row[f"{m}_diff"] == "" for m in ("AP", "AP50", "APs", "APl"))
-        assert row["AP_paper"] != "" and row["run_dir"] == ""
+        assert row["AP_paper"] != "" and row["run_dir"] == "" and row["box_std"] == ""
     assert rows["cited"]["status"] == "cited" and rows["cited"]["AP_ours"] == ""
 
     provenance = json.loads((out / "table_demo.provenance.json").read_text())

@@ -86,6 +86,7 @@ def evaluate_model(
                         collate_fn=collate_fn, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda")
     postprocess = build_postprocessor(cfg).to(device)
+    spread = BoxSpread()
     was_training = model.training
     model.eval()
     detections: list[dict[str, Any]] = []
@@ -95,6 +96,7 @@ def evaluate_model(
         with autocast_context(cfg.train.amp, device):
             outputs = model(batch.images, batch.mask)
         orig_sizes = torch.stack([t["orig_size"] for t in batch.targets]).to(device)
+        spread.update(outputs["pred_boxes"])
         results = postprocess(to_float32(outputs), orig_sizes)
         for target, result in zip(batch.targets, results):
             detections.extend(_to_coco_results(int(target["image_id"]), result))
@@ -103,6 +105,7 @@ def evaluate_model(
     model.train(was_training)
 
     gathered = distributed.all_gather_objects(detections)
+    spread_parts = distributed.all_gather_objects(spread.state())
     metrics: dict[str, float] = {}
     if dist_info.is_main:
         from replic.eval import score
@@ -125,6 +128,8 @@ def evaluate_model(
                      "topk": cfg.model.postprocess_topk, "backend": cfg.eval.backend,
                      "split": cfg.data.val_split, "detections": len(all_dets),
                      "dropped_non_category_detections": len(raw) - len(all_dets)},
+            "diagnostics": {"box_std_across_images": BoxSpread.merged_std(spread_parts),
+                            "gt_box_std": gt_box_std(gt)},
             "experiment": cfg.name, "scale": cfg.scale, "config_hash": config_hash(cfg),
             "checkpoint": checkpoint,
             "provenance": provenance.collect(world_size=dist_info.world_size),
@@ -133,8 +138,70 @@ def evaluate_model(
         log.info("eval AP %.4f AP50 %.4f (%d images, batch %d/process) -> %s",
                  metrics.get("AP", float("nan")), metrics.get("AP50", float("nan")), n,
                  cfg.eval.batch_size, out_dir / "metrics.json")
+        diag = record["diagnostics"]
+        if diag["box_std_across_images"] is not None and diag["gt_box_std"]:
+            log.info("predicted boxes move across images by std %.4f (ground truth %.4f); near 0 = "
+                     "one fixed box per query, the dataset's prior", diag["box_std_across_images"],
+                     diag["gt_box_std"])
     distributed.barrier()
     return metrics
+
+
+class BoxSpread:
+    """How much each query's predicted box moves from image to image.
+
+    Running sums per (query, coordinate) of the normalised (cx, cy, w, h) boxes of the final
+    decoder layer. Their std across images, averaged over queries and coordinates, separates a
+    detector from a model that learned only the dataset's box prior (one fixed box per query,
+    std ~0): compare it with :func:`gt_box_std`. Float64 sums, so E[x²] − E[x]² is exact enough.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: torch.Tensor | None = None
+        self.total_sq: torch.Tensor | None = None
+
+    def update(self, pred_boxes: torch.Tensor) -> None:
+        """pred_boxes (B, Q, 4) of one batch."""
+        boxes = pred_boxes.detach().to("cpu", torch.float64)
+        if self.total is None:
+            self.total = torch.zeros(boxes.shape[1:], dtype=torch.float64)
+            self.total_sq = torch.zeros(boxes.shape[1:], dtype=torch.float64)
+        assert self.total_sq is not None
+        self.total += boxes.sum(0)
+        self.total_sq += boxes.square().sum(0)
+        self.count += boxes.shape[0]
+
+    def state(self) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        return self.count, self.total, self.total_sq
+
+    @staticmethod
+    def merged_std(parts: list[tuple[int, torch.Tensor | None, torch.Tensor | None]]) -> float | None:
+        """Mean over queries and coordinates of the std across all images of every process."""
+        parts = [p for p in parts if p[0] > 0]
+        count = sum(p[0] for p in parts)
+        if count < 2:
+            return None
+        total = sum(p[1] for p in parts)
+        total_sq = sum(p[2] for p in parts)
+        mean = total / count
+        var = (total_sq / count - mean.square()).clamp_min(0) * count / (count - 1)
+        return float(var.sqrt().mean())
+
+
+def gt_box_std(gt: dict[str, Any]) -> float | None:
+    """Std of the ground-truth boxes (normalised cx, cy, w, h; crowds excluded), mean over coordinates."""
+    sizes = {int(im["id"]): (float(im["width"]), float(im["height"])) for im in gt.get("images", [])}
+    rows = []
+    for ann in gt.get("annotations", []):
+        if ann.get("iscrowd", 0) or int(ann["image_id"]) not in sizes:
+            continue
+        w_img, h_img = sizes[int(ann["image_id"])]
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        rows.append([(x + w / 2) / w_img, (y + h / 2) / h_img, w / w_img, h / h_img])
+    if len(rows) < 2:
+        return None
+    return float(torch.tensor(rows, dtype=torch.float64).std(0).mean())
 
 
 def _nan_to_none(value: Any) -> Any:

@@ -45,6 +45,8 @@ class RunResult:
     problem: str | None = None  # why metrics is None
     curve: list[tuple[float, float]] = field(default_factory=list)  # (epoch, AP fraction)
     loss_curve: list[tuple[float, float]] = field(default_factory=list)  # (epoch, training loss)
+    box_std: float | None = None  # eval diagnostics: spread of each query's box across images
+    gt_box_std: float | None = None  # the same statistic of the ground-truth boxes
 
 
 def _read_json(path: Path) -> Any:
@@ -128,6 +130,10 @@ def read_run(run_dir: Path) -> RunResult:
             if not isinstance(raw, dict):
                 raise TypeError("'metrics' is not a mapping")
             result.metrics = {str(k): _as_fraction(v) for k, v in raw.items()}
+            diagnostics = payload.get("diagnostics")
+            if isinstance(diagnostics, dict):
+                result.box_std = _optional_float(diagnostics.get("box_std_across_images"))
+                result.gt_box_std = _optional_float(diagnostics.get("gt_box_std"))
             if provenance is None and isinstance(payload.get("provenance"), dict):
                 provenance = payload["provenance"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
@@ -181,6 +187,10 @@ def gather_rows(table: Table, scale: str, runs_dir: str | Path) -> list[Gathered
     return rows
 
 
+def _optional_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _cell(value: float | None) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
 
@@ -197,7 +207,9 @@ def csv_columns(table: Table) -> list[str]:
     for metric in table.metrics:
         cols += [f"{metric}_paper", f"{metric}_ours", f"{metric}_diff"]
     cols += [f"{metric}_paper" for metric in table.paper_only]
-    cols += ["run_dir", "config_sha256", "git_commit", "git_dirty"]
+    # Near-zero box_std (vs gt_box_std) = one fixed box per query: the run learned only the
+    # dataset's box prior (what smoke-scale runs do; configs/scales/smoke.yaml).
+    cols += ["box_std", "gt_box_std", "run_dir", "config_sha256", "git_commit", "git_dirty"]
     return cols
 
 
@@ -227,6 +239,9 @@ def render_csv(name: str, table: Table, scale: str, rows: list[GatheredRow]) -> 
         for metric in table.paper_only:
             record[f"{metric}_paper"] = _cell(g.row.paper.get(metric))
         run = g.run
+        ok = run is not None and g.status == STATUS_OK
+        record["box_std"] = _cell(run.box_std) if ok else ""
+        record["gt_box_std"] = _cell(run.gt_box_std) if ok else ""
         record["run_dir"] = run.run_dir if run and g.status == STATUS_OK else ""
         record["config_sha256"] = (run.config_sha256 or "") if run and g.status == STATUS_OK else ""
         record["git_commit"] = (run.git_commit or "") if run and g.status == STATUS_OK else ""

@@ -65,3 +65,14 @@ def test_channels_last_checkpoint_loads_into_nchw_model():
         assert torch.equal(value, state[name]), name
         if value.dim() == 4:
             assert value.is_contiguous(), name  # the destination keeps its own layout
+
+
+def test_channels_last_model_exports_to_safetensors(tmp_path):
+    from replic.models.convert import load_replic_checkpoint, write_replic_checkpoint
+
+    _, nhwc = _pair()
+    out = tmp_path / "model.safetensors"
+    write_replic_checkpoint(out, nhwc.state_dict(), {"channels_last": True}, {"format": "test"})
+    _, state, _ = load_replic_checkpoint(out)
+    for name, value in nhwc.state_dict().items():
+        assert torch.equal(state[name], value), name

@@ -280,6 +280,9 @@ def write_replic_checkpoint(
 ) -> None:
     """Write ``{model, model_config, source}`` atomically (torch or safetensors by suffix)."""
     out = Path(out)
+    # Plain NCHW layout on disk (a channels-last model's conv weights are strided views that
+    # safetensors refuses and other code may not expect); values are unchanged.
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
     with atomic_path(out) as tmp:
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from replic.config import ConfigError, config_hash, to_dict
 from replic.engine.config import (
@@ -146,3 +147,27 @@ def test_run_dir_refuses_a_different_config_naming_the_difference(tmp_path):
     assert prepare(paths, other, force=True, write=True) is False
     assert not paths.last.exists()  # --force starts afresh
     assert isinstance(build_config(to_dict(other)), ExperimentConfig)
+
+
+def test_run_dir_written_before_channels_last_existed_continues(tmp_path, caplog):
+    """A layout-only difference (model.channels_last, absent from older run directories) is a
+    continuation with a warning, the directory's config is kept; any other difference still fails."""
+    paths = RunPaths(tmp_path / "run")
+    cfg = load_experiment(REPO / "configs/experiments/cdetr_r50_50ep.yaml", "paper")
+    prepare(paths, cfg, force=False, write=True)
+    old = yaml.safe_load(paths.config.read_text())
+    del old["model"]["channels_last"]
+    old_text = yaml.safe_dump(old, sort_keys=True)
+    paths.config.write_text(old_text)
+    paths.checkpoints.mkdir()
+    paths.last.write_bytes(b"kept")
+    with caplog.at_level("WARNING", logger="replic.engine"):
+        assert prepare(paths, cfg, force=False, write=True) is True
+    assert "model.channels_last: '<absent>' -> True" in caplog.text
+    assert paths.config.read_text() == old_text and paths.last.read_bytes() == b"kept"
+    nchw = load_experiment(REPO / "configs/experiments/cdetr_r50_50ep.yaml", "paper",
+                           {"model": {"channels_last": False}})
+    assert prepare(paths, nchw, force=False, write=True) is True
+    other = load_experiment(REPO / "configs/experiments/cdetr_r50_50ep.yaml", "paper", {"train": {"lr": 2e-4}})
+    with pytest.raises(RunDirError, match=r"train\.lr"):
+        prepare(paths, other, force=False, write=True)

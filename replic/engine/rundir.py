@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ import yaml
 from replic.config import config_hash, to_dict
 from replic.data.io import atomic_write_bytes
 from replic.engine.config import ExperimentConfig
+
+
+log = logging.getLogger("replic.engine")
 
 
 class RunDirError(ValueError):
@@ -54,20 +58,39 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 10
     return diffs
 
 
+# Keys that change how the model is executed, not what it computes (beyond float rounding).
+# A run directory whose config differs only in these (e.g. written before the key existed)
+# continues under the current setting instead of being refused.
+LAYOUT_ONLY_KEYS = frozenset({"model.channels_last"})
+
+
+def _same_function(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    a = {k: v for k, v in _flatten(old).items() if k not in LAYOUT_ONLY_KEYS}
+    b = {k: v for k, v in _flatten(new).items() if k not in LAYOUT_ONLY_KEYS}
+    return a == b
+
+
 def prepare(paths: RunPaths, cfg: ExperimentConfig, *, force: bool, write: bool) -> bool:
     """Check (and, on the main process, write) the run directory's config.
 
-    Returns True when the directory already held this exact config (a continuation).
+    Returns True when the directory already held this config (a continuation); configs that
+    differ only in :data:`LAYOUT_ONLY_KEYS` count as the same (the directory's config is kept).
     A different config is refused unless ``force``, which starts the run afresh
     (old checkpoints, metrics and results are removed).
     """
     resolved = to_dict(cfg)
     digest = config_hash(cfg)
-    same = False
+    same = layout_only = False
     if paths.config.is_file():
         old = yaml.safe_load(paths.config.read_text()) or {}
         if old == resolved:
             same = True
+        elif _same_function(old, resolved):
+            # Keep the directory's config: it records how the run started. The provenance of
+            # this process records the current config hash.
+            same = layout_only = True
+            log.warning("%s: continuing a run whose config differs only in execution layout: %s",
+                        paths.root, "; ".join(config_differences(old, resolved)))
         elif not force:
             diffs = config_differences(old, resolved)
             raise RunDirError(
@@ -82,7 +105,7 @@ def prepare(paths: RunPaths, cfg: ExperimentConfig, *, force: bool, write: bool)
         for stale in (paths.metrics, paths.done, paths.final):
             if stale.exists():
                 stale.unlink()
-    if write:
+    if write and not layout_only:
         paths.root.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(resolved, sort_keys=True)
         atomic_write_bytes(paths.config, text.encode())

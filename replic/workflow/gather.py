@@ -242,10 +242,10 @@ def render_csv(name: str, table: Table, scale: str, rows: list[GatheredRow]) -> 
         ok = run is not None and g.status == STATUS_OK
         record["box_std"] = _cell(run.box_std) if ok else ""
         record["gt_box_std"] = _cell(run.gt_box_std) if ok else ""
-        record["run_dir"] = run.run_dir if run and g.status == STATUS_OK else ""
-        record["config_sha256"] = (run.config_sha256 or "") if run and g.status == STATUS_OK else ""
-        record["git_commit"] = (run.git_commit or "") if run and g.status == STATUS_OK else ""
-        dirty = run.git_dirty if run and g.status == STATUS_OK else None
+        record["run_dir"] = run.run_dir if ok else ""
+        record["config_sha256"] = (run.config_sha256 or "") if ok else ""
+        record["git_commit"] = (run.git_commit or "") if ok else ""
+        dirty = run.git_dirty if ok else None
         record["git_dirty"] = "" if dirty is None else str(dirty).lower()
         writer.writerow(record)
     return buffer.getvalue()

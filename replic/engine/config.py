@@ -14,13 +14,13 @@ training annotation file (max category id + 1, the official convention).
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from replic.config import ConfigError, deep_merge, from_dict, load_yaml
 from replic.data.config import DataConfig
+from replic.methods import DEFAULT_METHOD, parse_method_options
 from replic.models.config import ModelConfig
 
 SCALE_NAMES: tuple[str, ...] = ("smoke", "paper")
@@ -110,9 +110,13 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # The training method (replic.methods): ``name`` plus that method's own options, checked
+    # by the method's ``Options`` dataclass. ``none`` = plain detector training.
+    method: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_METHOD))
 
     def validate(self) -> None:
         """Cross-section checks."""
+        parse_method_options(self.method)
         if self.seed < 0:
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.train.max_steps is None and self.train.lr_drop > self.train.epochs:
@@ -182,10 +186,17 @@ def num_classes_from_annotations(annotation_file: str | Path) -> int:
         raise FileNotFoundError(
             f"num_classes: auto needs the training annotation file, not found: {path}"
         )
-    with path.open() as handle:
-        data = json.load(handle)
-    ids = [int(c["id"]) for c in data.get("categories", [])]
-    ids += [int(a["category_id"]) for a in data.get("annotations", [])]
+    from replic.data.coco import read_annotation_json
+
+    data = read_annotation_json(path)  # a truncated or non-JSON file is an error naming it
+    if not isinstance(data, dict):
+        raise ConfigError(f"num_classes: auto, but {path} is not a COCO annotation object")
+    try:
+        ids = [int(c["id"]) for c in data.get("categories", [])]
+        ids += [int(a["category_id"]) for a in data.get("annotations", [])]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"num_classes: auto, but {path} has a category without an integer id "
+                          f"({type(err).__name__}: {err})") from err
     if not ids:
         raise ConfigError(f"num_classes: auto, but {path} has no categories")
     return max(ids) + 1

@@ -84,10 +84,10 @@ def build_dataset(cfg: ExperimentConfig, split: str) -> Any:
 
 
 def build_detector(cfg: ExperimentConfig) -> torch.nn.Module:
-    """The detector of the experiment (replic.models contract)."""
-    from replic.models.build import build_model
+    """The detector of the experiment (replic.models contract), as its training method builds it."""
+    from replic.methods import build_method
 
-    return build_model(cfg.model)
+    return build_method(cfg).build_model()
 
 
 def build_loss(cfg: ExperimentConfig) -> torch.nn.Module:

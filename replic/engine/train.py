@@ -36,7 +36,6 @@ from replic.engine.rundir import RunPaths, prepare
 from replic.engine.runtime import (
     autocast_context,
     build_dataset,
-    build_detector,
     build_loss,
     loader_generator,
     seed_everything,
@@ -46,6 +45,7 @@ from replic.engine.runtime import (
     worker_init,
 )
 from replic.engine.sampling import EpochBatchSampler, SeededDataset
+from replic.methods import MethodStep, build_method
 
 log = logging.getLogger("replic.engine")
 
@@ -85,6 +85,11 @@ class StopFlag:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The detector inside a (DDP-wrapped) :class:`MethodStep`."""
+    return _unwrap_step(model).detector
+
+
+def _unwrap_step(model: torch.nn.Module) -> MethodStep:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
@@ -132,16 +137,22 @@ class Trainer:
         self.process_seed = cfg.seed + self.dist.rank
         seed_everything(self.process_seed)
 
-        # Data first: a broken dataset fails before the model is built.
+        # Method inputs (a teacher checkpoint ...) and data first: both fail before the model is built.
+        self.method = build_method(cfg)
+        self.method.check_inputs()
         self.dataset = build_dataset(cfg, "train")
         self.steps_per_epoch = EpochBatchSampler(
             len(self.dataset), cfg.train.batch_size, seed=cfg.seed, epoch=0,
             rank=self.dist.rank, world_size=self.dist.world_size,
         ).batches_per_epoch
 
-        model = build_detector(cfg).to(self.device)
+        detector = self.method.build_model().to(self.device)
         self.criterion = build_loss(cfg).to(self.device)
+        self.method.to(self.device)
+        self.method.setup(detector, self.criterion, self.device)
         self.weights = dict(self.criterion.weight_dict)
+        # Detector + the method's own trainable modules: one module, one DDP wrapper.
+        model = MethodStep(detector, self.method)
         self.optimizer = build_optimizer(model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(
@@ -168,6 +179,7 @@ class Trainer:
                        "this_process": self.process_seed},
                 world_size=self.dist.world_size,
                 extra={"config_hash": config_hash(cfg), "device": str(self.device),
+                       "method": {"name": self.method.name, **self.method.provenance()},
                        "resumed_from": str(self.resume_from) if self.resume_from else None,
                        "resumed_at": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                                       "global_step": self.global_step}},
@@ -180,6 +192,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "model": _unwrap(self.model).state_dict(),
+            **self._method_state(),
             "model_config": to_dict(self.cfg.model),
             "config": to_dict(self.cfg),
             "config_hash": config_hash(self.cfg),
@@ -194,6 +207,11 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
 
+    def _method_state(self) -> dict[str, Any]:
+        """The method's own trainable state (absent for methods without parameters)."""
+        state = _unwrap_step(self.model).method.state_dict()
+        return {"method": state} if state else {}
+
     def save(self) -> None:
         """Checkpoint at the current step boundary (all processes join; rank 0 writes)."""
         state = self._state()
@@ -205,7 +223,9 @@ class Trainer:
         data = load_checkpoint(path, map_location=self.device)
         if data.get("config_hash") != config_hash(self.cfg):
             raise ValueError(f"{path}: checkpoint was written by a different config")
-        self.model.load_state_dict(data["model"])
+        self.model.detector.load_state_dict(data["model"])
+        if "method" in data:
+            self.model.method.load_state_dict(data["method"])
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
         self.scaler.load_state_dict(data["scaler"])
@@ -266,7 +286,7 @@ class Trainer:
         cfg = self.cfg.train
         batch = batch.to(self.device, non_blocking=True)
         with autocast_context(cfg.amp, self.device):
-            outputs = self.model(batch.images, batch.mask)
+            outputs = self.model(batch.images, batch.mask, batch.targets)
         loss_dict = self.criterion(to_float32(outputs), batch.targets)
         total = weighted_total(loss_dict, self.weights)
         bad = not bool(torch.isfinite(total).item())
@@ -363,7 +383,7 @@ class Trainer:
         model = _unwrap(self.model)
         if self.dist.is_main:
             atomic_torch_save(
-                {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), **self._method_state(),
                  "model_config": to_dict(cfg.model), "config": to_dict(cfg),
                  "config_hash": config_hash(cfg),
                  "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,

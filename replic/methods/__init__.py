@@ -1,0 +1,52 @@
+"""Paper methods on the shared detector core, one module per idea.
+
+An experiment names its method in the ``method`` config section (``name`` plus that method's
+options); :func:`build_method` returns a :class:`~replic.methods.base.TrainingMethod`. Methods
+are imported lazily, so a config naming one method never imports the others.
+
+Add a method: write ``replic/methods/<name>.py`` with a ``TrainingMethod`` subclass (its
+``Options`` dataclass holds the config keys, each with a documented default), then add one line
+to :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from replic.config import ConfigError, from_dict
+from replic.methods.base import MethodStep, TrainingMethod
+
+# name -> "module:class"
+METHODS: dict[str, str] = {
+    "none": "replic.methods.base:TrainingMethod",
+}
+
+DEFAULT_METHOD: dict[str, Any] = {"name": "none"}
+
+
+def method_class(name: Any) -> type[TrainingMethod]:
+    """The class registered under ``name``; ConfigError naming ``method.name`` otherwise."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"method.name: {name!r} is not one of {sorted(METHODS)}")
+    module_name, class_name = METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def parse_method_options(section: dict[str, Any]) -> tuple[type[TrainingMethod], Any]:
+    """Split the ``method`` config section into (class, typed options); strict, keys named."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"method: expected a mapping with a 'name', got {section!r}")
+    options = dict(section)
+    cls = method_class(options.pop("name", "none"))
+    return cls, from_dict(cls.Options, options, prefix="method")
+
+
+def build_method(cfg: Any) -> TrainingMethod:
+    """The training method of experiment ``cfg`` (``cfg.method``)."""
+    cls, options = parse_method_options(cfg.method)
+    return cls(cfg, options)
+
+
+__all__ = ["METHODS", "DEFAULT_METHOD", "MethodStep", "TrainingMethod", "build_method", "method_class",
+           "parse_method_options"]

@@ -1,0 +1,112 @@
+"""The training-method interface: what a paper's idea adds to plain detector training.
+
+An experiment selects a method in its config (``method: {name: d3etr, ...}``); the engine asks
+the method for the model, for extra loss terms and for one training forward, and is otherwise
+the same for every method. The default, ``none``, is plain detector training.
+
+Lifecycle, as :class:`replic.engine.train.Trainer` drives it::
+
+    method = build_method(cfg)            # options parsed and checked (ConfigError names the key)
+    method.check_inputs()                 # cheap pre-flight checks (teacher file, class count ...)
+    model = method.build_model()          # the detector to train (a method may swap a layer)
+    method.setup(model, criterion, device)  # load frozen teachers, register loss terms
+    outputs = method.forward_train(model, images, mask, targets)   # every training step
+    losses = criterion(outputs, targets)  # built-in set loss + the registered terms
+
+``method`` is an ``nn.Module``: its own trainable parameters (e.g. MasKD's align convs) are
+optimised, all-reduced under DDP and checkpointed (key ``method``) beside the detector's.
+Frozen teachers are *not* submodules: they never enter the optimizer, DDP's gradient sync or
+the checkpoint (:meth:`hold_frozen`). Evaluation builds the model with :meth:`build_model`
+and runs it plainly: no method-specific work happens at test time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class NoOptions:
+    """The ``none`` method has no options."""
+
+
+class TrainingMethod(nn.Module):
+    """Plain detector training; paper methods subclass it and override the hooks they need."""
+
+    name: ClassVar[str] = "none"
+    # The dataclass of this method's options (the ``method`` config section minus ``name``).
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, cfg: Any, options: Any) -> None:
+        """``cfg``: the whole ExperimentConfig; ``options``: an instance of :attr:`Options`."""
+        super().__init__()
+        self.cfg = cfg
+        self.options = options
+        self._frozen: dict[str, nn.Module] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def check_inputs(self) -> None:
+        """Fail fast (before data and model are built) on bad external inputs. Default: none."""
+
+    def build_model(self) -> nn.Module:
+        """The detector this method trains and evaluates (default: the config's detector)."""
+        from replic.models.build import build_model
+
+        return build_model(self.cfg.model)
+
+    def setup(self, model: nn.Module, criterion: nn.Module, device: torch.device) -> None:
+        """Load frozen teachers onto ``device`` and register extra loss terms on ``criterion``."""
+
+    def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
+                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """One training forward; the outputs dict goes to the criterion (model contract keys)."""
+        return model(images, mask)
+
+    def provenance(self) -> dict[str, Any]:
+        """Extra facts recorded in the run's provenance (e.g. a teacher checkpoint's sha256)."""
+        return {}
+
+    # ---------------------------------------------------------------- helpers
+    def hold_frozen(self, name: str, module: nn.Module) -> nn.Module:
+        """Keep ``module`` frozen and outside the module tree (no optimizer, no DDP, no checkpoint).
+
+        It is put in eval mode and every parameter stops requiring grad; :meth:`train` never
+        switches it back to training mode.
+        """
+        module.eval()
+        for param in module.parameters():
+            param.requires_grad_(False)
+        self._frozen[name] = module
+        return module
+
+    def frozen(self, name: str) -> nn.Module:
+        """A module stored with :meth:`hold_frozen`."""
+        return self._frozen[name]
+
+    def train(self, mode: bool = True) -> TrainingMethod:
+        """Switch this method's own modules; frozen ones stay in eval mode."""
+        super().train(mode)
+        for module in self._frozen.values():
+            module.eval()
+        return self
+
+
+class MethodStep(nn.Module):
+    """Detector + method as one module, so DDP wraps (and syncs) both with one forward per step.
+
+    ``forward(images, mask, targets)`` is ``method.forward_train(detector, ...)``. The detector's
+    parameter names keep their ``detector.`` prefix here only; checkpoints store
+    ``detector.state_dict()`` (loads into a plain detector) and ``method.state_dict()`` apart.
+    """
+
+    def __init__(self, detector: nn.Module, method: TrainingMethod) -> None:
+        super().__init__()
+        self.detector = detector
+        self.method = method
+
+    def forward(self, images: Tensor, mask: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        return self.method.forward_train(self.detector, images, mask, targets)

@@ -84,7 +84,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+        # Say what each alternative accepts (e.g. the allowed choices of an optional Literal),
+        # not the type's repr: users read "one of [...]", not "Optional[...]".
+        message = "; or ".join(errors[:1] + [e.removeprefix(f"{key}: ") for e in errors[1:]])
+        if type(None) in args:
+            message += " (or null)"
+        raise ConfigError(message)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

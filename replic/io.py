@@ -1,4 +1,5 @@
-"""Atomic file writing: readers see the old file or the whole new one, never half of it.
+"""Atomic file writing (readers see the old file or the whole new one, never half of it) and
+the one safe ``torch.load`` every checkpoint reader goes through.
 
 Every writer in replic goes through ``atomic_path``: a temporary file in the destination's
 directory (same filesystem, so ``os.replace`` is atomic), flushed to disk, given the
@@ -9,10 +10,12 @@ of a shared cluster could not read), then renamed over the destination.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,17 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+class DiskFullError(OSError):
+    """A write ran out of space (or quota); the message names the file. The old file is intact."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary path to write; on success it replaces ``path``, on error it is removed.
+
+    Running out of space (ENOSPC, EDQUOT) raises :class:`DiskFullError` naming ``path``;
+    ``path`` itself is untouched, so the previous version stays readable.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -37,10 +48,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if _is_disk_full(err):
+            raise DiskFullError(
+                errno.ENOSPC, f"{path}: no space left on device while writing it "
+                f"({os.strerror(errno.ENOSPC)}); the previous version of the file is kept"
+            ) from err
         raise
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a library (torch.save) wraps the OSError in a RuntimeError."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskFullError):
+            return False  # already reported
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(current, RuntimeError) and ("No space left" in str(current)
+                                                  or "Disk quota exceeded" in str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -62,3 +95,40 @@ def dump_json_bytes(obj: Any) -> bytes:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as stable, compact JSON, atomically."""
     atomic_write_bytes(path, dump_json_bytes(obj))
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint cannot be read safely; the message names the file and why."""
+
+
+def load_torch_weights_only(path: str | os.PathLike, *, map_location: Any = "cpu",
+                            extra_globals: Iterable[type] = ()) -> Any:
+    """``torch.load(weights_only=True)`` with one set of errors for every checkpoint reader.
+
+    A pickled object outside the allow-list (tensors, plain containers, ``extra_globals``) is
+    refused, never executed; a truncated or foreign file is "not a readable torch checkpoint".
+    Both name ``path``.
+    """
+    import torch
+
+    extra = list(extra_globals)
+    allowed = ", ".join(["tensors", "plain containers", *(f"{t.__module__}.{t.__qualname__}" for t in extra)])
+    try:
+        with torch.serialization.safe_globals(extra):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        if any("weights_only" in line or "GLOBAL" in line or "Unsupported" in line for line in lines):
+            detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])
+            raise CheckpointReadError(
+                f"{path}: refused to load: it pickles an object outside the allow-list "
+                f"({allowed}): {detail}"
+            ) from err
+        raise CheckpointReadError(f"{path}: not a readable torch checkpoint: {lines[0] if lines else err}") from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointReadError(
+            f"{path}: not a readable torch checkpoint (truncated, or not written by torch.save): {first}"
+        ) from err

@@ -7,11 +7,26 @@ checkout of the official repository (never vendored here). The official model ru
 conditional_detr.md §6.1 and no ImageNet download. Every LayerNorm, FrozenBN buffer, bias
 and the zero-initialised last box layer are randomised first (defaults hide misplaced norms).
 
-Compared in full, fp32 CPU, dropout 0: eval logits/boxes of every decoder layer (atol 1e-5),
-each loss term (atol 1e-5), the weighted total, and all parameter gradients (atol 1e-4 ·
-largest gradient). Measured: logits 1.4e-6, boxes 1.8e-7, losses 2.4e-7, gradients 4e-6
-(largest 5.2) at the official R50 shape; 1.2e-6 / 1.8e-7 / 6e-8 / 1.4e-6 for the tiny R18;
-DETR tiny R18: 7.2e-7 / 6.0e-8 / 6.0e-8 / 4.8e-7.
+Run them before any change to the models lands (CI has no copy of the authors' code):
+
+    REPLIC_OFFICIAL_CONDDETR=<ConditionalDETR checkout> REPLIC_OFFICIAL_DETR=<detr checkout> \
+        .venv/bin/python -m pytest tests/test_models_official_parity.py -s
+
+(about 20 s on 2 CPU cores; ``-s`` prints the measured errors.)
+
+``test_matches_official_forward_losses_and_gradients`` runs replic in the authors' memory
+format (``model.channels_last: false``, NCHW) and compares in full, fp32 CPU, dropout 0: eval
+logits/boxes of every decoder layer (atol 1e-5), each loss term (atol 1e-5), the weighted
+total, and all parameter gradients (atol 1e-4 · largest gradient). Measured 2026-12-01 (2-core
+Xeon, 1 thread): worst gradient difference 1.2e-6 of the largest (5.0e-6 of 4.08) at the
+official R50 shape, 1.2e-7 for the tiny R18; DETR tiny R18 1.0e-7.
+
+``test_channels_last_moves_gradients_by_a_measured_amount`` states how far replic's default
+channels-last ResNet body moves the same quantities: oneDNN picks other convolution kernels
+for NHWC, and the transformer amplifies their rounding into the gradients. Measured here:
+7.1e-6 of the largest gradient at R50 (decoder layer 2 ``linear1.weight``); on another CPU the
+issue reported 2.1e-3 (encoder layer 5 ``linear1.weight``; total loss 3.8e-6 apart), which is
+why that comparison has its own bound (1e-2 of the largest gradient, losses 1e-4).
 """
 
 from __future__ import annotations
@@ -102,13 +117,19 @@ OFFICIAL_SIDE = textwrap.dedent('''
 _CONDDETR = pytest.mark.skipif(not OFFICIAL, reason="set REPLIC_OFFICIAL_CONDDETR to an official checkout")
 _DETR = pytest.mark.skipif(not OFFICIAL_DETR, reason="set REPLIC_OFFICIAL_DETR to an official checkout")
 
+SHAPES = [
+    pytest.param(("conditional_detr", "resnet18", 256, 8, 7, 96, 3), marks=_CONDDETR, id="cdetr-r18"),
+    pytest.param(("conditional_detr", "resnet50", 256, 8, 300, 2048, 6), marks=[_CONDDETR, pytest.mark.slow],
+                 id="cdetr-r50"),
+    pytest.param(("detr", "resnet18", 64, 4, 7, 96, 3), marks=_DETR, id="detr-r18"),
+]
 
-@pytest.mark.parametrize("arch, backbone, hidden, heads, queries, ffn, layers", [
-    pytest.param("conditional_detr", "resnet18", 256, 8, 7, 96, 3, marks=_CONDDETR),
-    pytest.param("conditional_detr", "resnet50", 256, 8, 300, 2048, 6, marks=[_CONDDETR, pytest.mark.slow]),
-    pytest.param("detr", "resnet18", 64, 4, 7, 96, 3, marks=_DETR),
-])
-def test_matches_official_forward_losses_and_gradients(tmp_path, arch, backbone, hidden, heads, queries, ffn, layers):
+
+@pytest.fixture(scope="module", params=SHAPES)
+def official(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The official model's outputs, losses and gradients at one shape (run once per module)."""
+    arch, backbone, hidden, heads, queries, ffn, layers = request.param
+    tmp_path = tmp_path_factory.mktemp("official")
     script = tmp_path / "official_side.py"
     script.write_text(OFFICIAL_SIDE)
     out_path = tmp_path / "official.pt"
@@ -116,33 +137,76 @@ def test_matches_official_forward_losses_and_gradients(tmp_path, arch, backbone,
     subprocess.run([sys.executable, str(script), str(Path(repo)), str(out_path), arch, backbone, str(hidden),
                     str(heads), str(queries), str(ffn), str(layers)], check=True, cwd=tmp_path, timeout=600)
     ref = torch.load(out_path, weights_only=True)
-
-    cfg = ModelConfig(arch=arch, backbone=backbone, hidden_dim=hidden, nheads=heads, num_queries=queries,
+    ref["cfg"] = dict(arch=arch, backbone=backbone, hidden_dim=hidden, nheads=heads, num_queries=queries,
                       dim_feedforward=ffn, enc_layers=layers, dec_layers=layers, dropout=0.0)
+    return ref
+
+
+def _replic_side(ref: dict, channels_last: bool) -> dict:
+    """replic's eval outputs, losses and gradients on the official weights and inputs."""
+    cfg = ModelConfig(**ref["cfg"], channels_last=channels_last)
     model, criterion = build_model(cfg), build_criterion(cfg)
     model.load_state_dict(ref["state"], strict=True)
     model.eval()
     with torch.no_grad():
         out = model(ref["images"], ref["mask"])
-    mine = [out["pred_logits"]] + [a["pred_logits"] for a in out["aux_outputs"]]
-    mine_boxes = [out["pred_boxes"]] + [a["pred_boxes"] for a in out["aux_outputs"]]
-    # The official list is [last, aux 0, ...]; ours is the same order.
-    for a, b in zip(mine, ref["logits"], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    for a, b in zip(mine_boxes, ref["boxes"], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-
     model.train()
     losses = criterion(model(ref["images"], ref["mask"]), ref["targets"])
-    assert set(losses) == set(ref["losses"])
-    assert criterion.weight_dict == ref["weight_dict"]
-    for key, value in ref["losses"].items():
-        torch.testing.assert_close(losses[key].detach(), value, atol=1e-5, rtol=0)
     total = criterion.total(losses)
-    torch.testing.assert_close(total.detach(), ref["total"], atol=1e-4, rtol=0)
     total.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert set(grads) == set(ref["grads"])
-    scale = max(g.abs().max() for g in ref["grads"].values())
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref["grads"][name], atol=1e-4 * float(scale), rtol=0, msg=name)
+    return {
+        "logits": [out["pred_logits"]] + [a["pred_logits"] for a in out["aux_outputs"]],
+        "boxes": [out["pred_boxes"]] + [a["pred_boxes"] for a in out["aux_outputs"]],
+        "losses": {k: v.detach() for k, v in losses.items()}, "total": total.detach(),
+        "grads": {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None},
+        "weight_dict": dict(criterion.weight_dict),
+    }
+
+
+def _grad_error(mine: dict, ref: dict) -> tuple[float, float, str]:
+    """(largest official gradient, worst absolute difference, the parameter where it is)."""
+    scale = float(max(g.abs().max() for g in ref["grads"].values()))
+    worst = max(((float((mine["grads"][n] - g).abs().max()), n) for n, g in ref["grads"].items()))
+    return scale, worst[0], worst[1]
+
+
+def test_matches_official_forward_losses_and_gradients(official: dict) -> None:
+    """replic in the authors' memory format (NCHW, channels_last false) against the authors' code."""
+    mine = _replic_side(official, channels_last=False)
+    # The official list is [last, aux 0, ...]; ours is the same order.
+    for a, b in zip(mine["logits"], official["logits"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(mine["boxes"], official["boxes"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert set(mine["losses"]) == set(official["losses"])
+    assert mine["weight_dict"] == official["weight_dict"]
+    for key, value in official["losses"].items():
+        torch.testing.assert_close(mine["losses"][key], value, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mine["total"], official["total"], atol=1e-4, rtol=0)
+    assert set(mine["grads"]) == set(official["grads"])
+    scale, worst, where = _grad_error(mine, official)
+    print(f"NCHW vs official: largest gradient {scale:.3g}, worst difference {worst:.3g} "
+          f"({worst / scale:.2g} of it) at {where}")
+    for name, grad in mine["grads"].items():
+        torch.testing.assert_close(grad, official["grads"][name], atol=1e-4 * scale, rtol=0, msg=name)
+
+
+# channels_last (the default) runs the ResNet body with other oneDNN kernels: the same function up
+# to float rounding, but rounding that the transformer amplifies into the gradients.
+CHANNELS_LAST_GRAD_TOL = 1e-2  # of the largest gradient
+CHANNELS_LAST_LOSS_TOL = 1e-4
+
+
+def test_channels_last_moves_gradients_by_a_measured_amount(official: dict) -> None:
+    """How far the default channels-last layout moves outputs, losses and gradients from the authors'."""
+    mine = _replic_side(official, channels_last=True)
+    for a, b in zip(mine["logits"], official["logits"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    for a, b in zip(mine["boxes"], official["boxes"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    for key, value in official["losses"].items():
+        torch.testing.assert_close(mine["losses"][key], value, atol=CHANNELS_LAST_LOSS_TOL, rtol=0)
+    scale, worst, where = _grad_error(mine, official)
+    print(f"channels-last vs official: largest gradient {scale:.3g}, worst difference {worst:.3g} "
+          f"({worst / scale:.2g} of it) at {where}")
+    assert worst <= CHANNELS_LAST_GRAD_TOL * scale, (worst / scale, where)

@@ -51,7 +51,9 @@ class CocoIndex:
     dropped_degenerate: int = 0
 
 
-def _read_json(path: Path) -> Any:
+def read_annotation_json(path: str | Path) -> Any:
+    """Parse a COCO annotation file; ``DatasetError`` naming the file if missing, truncated or not JSON."""
+    path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: annotation file not found")
     try:
@@ -91,7 +93,7 @@ def load_coco_index(ann_file: str | Path, data: Any = None) -> CocoIndex:
     """
     path = Path(ann_file)
     if data is None:
-        data = _read_json(path)
+        data = read_annotation_json(path)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):

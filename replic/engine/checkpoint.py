@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from replic.io import atomic_path  # noqa: I001
+from replic.io import atomic_path, load_torch_weights_only  # noqa: I001
 
 CHECKPOINT_FORMAT = 1
 
@@ -81,10 +81,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
         model_config, state, source = load_replic_checkpoint(path)
         return {"model": state, "model_config": model_config, "source": source}
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types; re-raise with the file
-        raise ValueError(f"{path}: cannot load checkpoint with weights_only=True: {err}") from err
+    # The same refusal (foreign pickle) and truncation messages as `replic convert`.
+    data = load_torch_weights_only(path, map_location=map_location)
     if not isinstance(data, dict) or "model" not in data:
         raise ValueError(f"{path}: not a replic checkpoint (no 'model' entry)")
     return data
@@ -99,3 +97,30 @@ def model_state_from_checkpoint(data: dict[str, Any], path: str | Path = "") -> 
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path, *,
+                       target: str = "the model", config_differences: list[str] | None = None) -> None:
+    """Load ``state`` into ``model`` strictly; a mismatch is one ``ValueError`` naming the file.
+
+    The message lists the checkpoint's ``model_config`` keys that differ from the model's
+    (``config_differences``, when known) before a few missing / unexpected / wrong-shape keys,
+    instead of torch's many-line ``size mismatch`` error.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        parts = []
+        if config_differences:
+            parts.append("the checkpoint's model_config differs in " + "; ".join(config_differences))
+        if reshaped:
+            parts.append(f"{len(reshaped)} weights of another shape (e.g. {reshaped[:2]})")
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        raise ValueError(f"{path}: weights do not fit {target}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from replic.config import config_hash, to_dict
 from replic.data.io import atomic_write_bytes, atomic_write_json
 from replic.engine import distributed, provenance
-from replic.engine.checkpoint import load_checkpoint, model_state_from_checkpoint
+from replic.engine.checkpoint import load_checkpoint, load_model_weights, model_state_from_checkpoint
 from replic.engine.config import ExperimentConfig
 from replic.engine.distributed import DistInfo
 from replic.engine.progress import Progress
@@ -229,21 +229,16 @@ def evaluate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path, out_dir: 
         set_determinism(cfg.train.deterministic, device)
         data = load_checkpoint(checkpoint, map_location="cpu")
         stored = data.get("model_config")
+        diffs: list[str] = []
         if isinstance(stored, dict):
             diffs = config_differences(stored, to_dict(cfg.model))
-            if diffs:
-                log.warning("%s: model_config differs from the experiment's: %s", checkpoint,
-                            "; ".join(diffs))
         model = build_detector(cfg)
-        missing, unexpected = model.load_state_dict(
-            model_state_from_checkpoint(data, checkpoint), strict=False
-        )
-        if missing or unexpected:
-            raise ValueError(
-                f"{checkpoint}: weights do not fit the model of {cfg.name}: "
-                f"{len(missing)} missing (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-            )
+        # Weights of another architecture: one error listing the differing config keys (exit 2).
+        load_model_weights(model, model_state_from_checkpoint(data, checkpoint), checkpoint,
+                           target=f"the model of {cfg.name}", config_differences=diffs)
+        if diffs:  # the weights fit: an execution-only or harmless difference, e.g. channels_last
+            log.warning("%s: model_config differs from the experiment's: %s", checkpoint,
+                        "; ".join(diffs))
         model.to(device)
         return evaluate_model(model, cfg, out_dir, device=device, dist_info=dist_info,
                               checkpoint=str(checkpoint), progress=progress)

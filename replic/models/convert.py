@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from replic.io import atomic_path  # noqa: I001
+from replic.io import CheckpointReadError, atomic_path, load_torch_weights_only  # noqa: I001
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +59,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def _torch_load_restricted(path: Path) -> Any:
     """``torch.load(weights_only=True)`` with ``argparse.Namespace`` as the only extra global."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise CheckpointError(
-            f"{path}: refused to load: it pickles an object outside the allow-list "
-            f"(tensors, plain containers, argparse.Namespace): {detail.strip()}"
-        ) from err
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint: {err}") from err
+        return load_torch_weights_only(path, extra_globals=[argparse.Namespace])
+    except CheckpointReadError as err:  # the same message as `replic eval` / `train` give
+        raise CheckpointError(str(err)) from err
 
 
 def _plain(value: Any) -> Any:

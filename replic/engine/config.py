@@ -4,6 +4,8 @@ An experiment YAML is a small overlay: ``extends: base.yaml`` (a path relative t
 the file) names the file it builds on, and its own keys deep-merge on top. A
 *scale* (``smoke``, ``paper`` or a path to an overlay YAML) is then merged onto the
 experiment, so one definition serves both a laptop smoke run and the paper run.
+An experiment may size itself per scale with ``scale_overrides: {smoke: {...}}``, merged
+after the overlay (a distillation teacher stays larger than its student at smoke scale).
 
 Validation happens in :func:`load_experiment` before any data is read: unknown or
 misspelt keys, wrong types and impossible combinations raise ``ConfigError``
@@ -215,14 +217,36 @@ def resolve_raw(config_path: str | Path, scale: str | None = None) -> dict[str, 
     the scale name or the overlay file's stem; ``paper`` without an overlay.
     """
     raw = load_with_extends(config_path)
+    per_scale = _pop_scale_overrides(raw, config_path)
     raw.setdefault("scale", "paper")
     if scale is not None:
         overlay = load_with_extends(find_scale_file(scale, config_path))
         raw = deep_merge(raw, overlay)
         if "scale" not in overlay:
             raw["scale"] = scale if scale in SCALE_NAMES else Path(scale).stem
+    # The experiment's own per-scale sizes win over the generic overlay (e.g. a distillation
+    # teacher that must stay larger than its student at smoke scale).
+    if raw["scale"] in per_scale:
+        raw = deep_merge(raw, per_scale[raw["scale"]])
     raw.setdefault("name", Path(config_path).stem)
     return raw
+
+
+def _pop_scale_overrides(raw: dict[str, Any], config_path: str | Path) -> dict[str, dict[str, Any]]:
+    """Remove and check the experiment's ``scale_overrides: {<scale>: {...}}`` section.
+
+    Each entry is merged after the scale overlay when the run's scale has that name, so an
+    experiment can size itself per scale (data, not code). Unknown scale names are errors.
+    """
+    per_scale = raw.pop("scale_overrides", None) or {}
+    if not isinstance(per_scale, dict):
+        raise ConfigError(f"{config_path}: scale_overrides must map a scale name to config keys")
+    for name, section in per_scale.items():
+        if name not in SCALE_NAMES:
+            raise ConfigError(f"{config_path}: scale_overrides.{name}: unknown scale; known: {list(SCALE_NAMES)}")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{config_path}: scale_overrides.{name} must be a mapping of config keys")
+    return per_scale
 
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:

@@ -20,6 +20,8 @@ from replic.methods.base import MethodStep, TrainingMethod
 # name -> "module:class"
 METHODS: dict[str, str] = {
     "none": "replic.methods.base:TrainingMethod",
+    "ks_detr": "replic.methods.ks_detr:KSDetr",
+    "d3etr": "replic.methods.d3etr:D3ETR",
 }
 
 DEFAULT_METHOD: dict[str, Any] = {"name": "none"}
@@ -42,10 +44,16 @@ def parse_method_options(section: dict[str, Any]) -> tuple[type[TrainingMethod],
     return cls, from_dict(cls.Options, options, prefix="method")
 
 
-def build_method(cfg: Any) -> TrainingMethod:
-    """The training method of experiment ``cfg`` (``cfg.method``)."""
+def build_method(cfg: Any, run_dir: Any = None) -> TrainingMethod:
+    """The training method of experiment ``cfg`` (``cfg.method``).
+
+    ``run_dir``: the training run's directory (``replic train --out``), kept as
+    ``method.run_dir`` so a method can find sibling runs (a DAG teacher); None at evaluation.
+    """
     cls, options = parse_method_options(cfg.method)
-    return cls(cfg, options)
+    method = cls(cfg, options)
+    method.run_dir = run_dir
+    return method
 
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "MethodStep", "TrainingMethod", "build_method", "method_class",

@@ -155,10 +155,8 @@ class SetCriterion(nn.Module):
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
         aux_indices = []
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_idx = self.matcher(aux, targets)
+            terms, aux_idx = self.prediction_set_terms(aux, targets, num_boxes)
             aux_indices.append(aux_idx)
-            terms = {**self.loss_labels(aux, targets, aux_idx, num_boxes), **self.loss_cardinality(aux, targets),
-                     **self.loss_boxes(aux, targets, aux_idx, num_boxes)}
             losses.update({f"{k}_{i}": v for k, v in terms.items()})
         context = {"indices": indices, "aux_indices": aux_indices, "num_boxes": num_boxes}
         for fn in self._extra:
@@ -171,6 +169,19 @@ class SetCriterion(nn.Module):
                 raise KeyError(f"extra loss overwrites existing terms: {sorted(clash)}")
             losses.update(extra)
         return losses
+
+    def prediction_set_terms(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]],
+                             num_boxes: float) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+        """One prediction set (``pred_logits``, ``pred_boxes``) matched on its own → (terms, indices).
+
+        Terms are unsuffixed ``loss_ce``, ``loss_bbox``, ``loss_giou`` and ``cardinality_error``
+        (logging). Used for every aux layer, and by registered losses that score extra
+        prediction sets (KS-DETR's teacher branches) exactly as an aux layer is scored.
+        """
+        indices = self.matcher(outputs, targets)
+        terms = {**self.loss_labels(outputs, targets, indices, num_boxes), **self.loss_cardinality(outputs, targets),
+                 **self.loss_boxes(outputs, targets, indices, num_boxes)}
+        return terms, indices
 
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """Σ weight · term over the terms that have a weight (logging terms are skipped)."""

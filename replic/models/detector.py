@@ -67,8 +67,16 @@ class Detector(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor, mask: Tensor | None = None, return_attention: bool = False,
-                extra_queries: list[ExtraQueries] | None = None) -> dict[str, Any]:
-        """images (B, 3, H, W), mask (B, H, W) bool True = padding → outputs dict (model contract)."""
+                extra_queries: list[ExtraQueries] | None = None,
+                encoder_inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """images (B, 3, H, W), mask (B, H, W) bool True = padding → outputs dict (model contract).
+
+        ``encoder_inputs``: per-forward extras for swapped-in encoder layers that take them
+        (KS-DETR's ground-truth mask; see :class:`~replic.models.transformer.TransformerEncoder`).
+        If such a layer adds memory streams (teacher memories), each extra stream is decoded by
+        the same decoder and heads, in the same pass, and returned under ``encoder_streams``
+        (one outputs dict per stream); every other key describes stream 0, the plain path.
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if mask is None:
@@ -77,11 +85,20 @@ class Detector(nn.Module):
             raise ValueError(f"mask must be bool (B, H, W) matching images, got {mask.dtype} {tuple(mask.shape)}")
 
         features, pos = self.backbone(images, mask)
-        c5, c5_mask = features["C5"]
-        memory, memory_mask, memory_pos = self.transformer.encode(self.input_proj(c5), c5_mask, pos)
+        # The transformer's input map (C5 official; C4 at mini scale).
+        c5, c5_mask = features[self.backbone[0].input_level]
+        memory, memory_mask, memory_pos = self.transformer.encode(self.input_proj(c5), c5_mask, pos, encoder_inputs)
+        batch = images.shape[0]
+        streams = memory.shape[0] // batch
+        decode_mask, decode_pos = memory_mask, memory_pos
+        if streams > 1:
+            if extra_queries:
+                raise ValueError("extra_queries cannot be combined with encoder layers that add memory streams")
+            # Every stream is decoded as more images of the same batch: one decoder pass.
+            decode_mask, decode_pos = memory_mask.repeat(streams, 1), memory_pos.repeat(streams, 1, 1)
 
-        groups = [self._main_group(images.shape[0])]
-        groups += [self._extra_group(g, images.shape[0], i) for i, g in enumerate(extra_queries or [])]
+        groups = [self._main_group(memory.shape[0])]
+        groups += [self._extra_group(g, batch, i) for i, g in enumerate(extra_queries or [])]
         sizes = [g["query_pos"].shape[1] for g in groups]
         query_pos = torch.cat([g["query_pos"] for g in groups], dim=1)
         tgt = torch.cat([g["content"] for g in groups], dim=1)
@@ -89,13 +106,16 @@ class Detector(nn.Module):
         reference_points = None if refs[0] is None else torch.cat(refs, dim=1)
         self_attn_mask = _group_mask(sizes, images.device) if len(groups) > 1 else None
 
-        decoded = self.transformer.decoder(tgt, memory, memory_pos, query_pos, memory_mask,
+        decoded = self.transformer.decoder(tgt, memory, decode_pos, query_pos, decode_mask,
                                            reference_points=reference_points, self_attn_mask=self_attn_mask,
                                            return_attention=return_attention)
         per_group = _split_groups(decoded, sizes, return_attention)
-        out = self._head_outputs(per_group[0])
+        per_stream = _split_streams(per_group[0], batch, streams)
+        out = self._head_outputs(per_stream[0])
+        if streams > 1:
+            out["encoder_streams"] = [self._head_outputs(d) for d in per_stream[1:]]
         out.update({
-            "memory": memory,
+            "memory": memory[:batch],
             "memory_mask": memory_mask,
             "memory_pos": memory_pos,
             "feature_size": tuple(c5.shape[-2:]),
@@ -169,6 +189,21 @@ def _group_mask(sizes: list[int], device: torch.device) -> Tensor:
     """Block-diagonal self-attention mask (True = blocked) so query groups never see each other."""
     group_id = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
     return group_id[:, None] != group_id[None, :]
+
+
+def _split_streams(decoded: dict[str, Any], batch: int, streams: int) -> list[dict[str, Any]]:
+    """Cut one group's decoder outputs over S·B images back into S streams of B images."""
+    if streams == 1:
+        return [decoded]
+    out = []
+    for s in range(streams):
+        part = slice(s * batch, (s + 1) * batch)
+        refs = decoded["reference_points"]
+        stream: dict[str, Any] = {"hs": decoded["hs"][:, part], "reference_points": None if refs is None else refs[part]}
+        if "attention" in decoded:
+            stream["attention"] = [{name: w[part] for name, w in layer.items()} for layer in decoded["attention"]]
+        out.append(stream)
+    return out
 
 
 def _split_groups(decoded: dict[str, Any], sizes: list[int], with_attention: bool) -> list[dict[str, Any]]:

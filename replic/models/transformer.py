@@ -61,16 +61,33 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """A stack of encoder layers; no final norm (post-norm, as the official default)."""
+    """A stack of encoder layers; no final norm (post-norm, as the official default).
+
+    Hook for methods that swap a layer (KS-DETR's triple attention): a layer whose class sets
+    ``takes_layer_inputs = True`` is called with ``layer_inputs=`` (per-forward extras such as a
+    ground-truth mask, plus ``feature_size`` (H, W) of the token grid). Such a layer may return
+    more *streams* than it got — e.g. teacher memories — stacked after its input on the batch
+    dim, (S·B, N, D); later layers then process every stream like more images.
+    """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, num_layers: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout) for _ in range(num_layers))
 
-    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | None,
+                layer_inputs: dict[str, Any] | None = None) -> Tensor:
+        """src, pos (B, N, D), key_padding_mask (B, N) → memory (S·B, N, D); S = 1 unless a layer adds streams."""
+        batch = src.shape[0]
         for layer in self.layers:
-            src = layer(src, pos, key_padding_mask)
+            streams = src.shape[0] // batch
+            if streams > 1:  # positions and padding are the same for every stream of an image
+                pos = pos[:batch].repeat(streams, 1, 1)
+                key_padding_mask = None if key_padding_mask is None else key_padding_mask[:batch].repeat(streams, 1)
+            if layer_inputs is not None and getattr(layer, "takes_layer_inputs", False):
+                src = layer(src, pos, key_padding_mask, layer_inputs=layer_inputs)
+            else:
+                src = layer(src, pos, key_padding_mask)
         return src
 
 
@@ -199,10 +216,19 @@ class Transformer(nn.Module):
         if isinstance(self.decoder, ReferencePointSource):
             self.decoder.reset_reference_points()
 
-    def encode(self, src: Tensor, mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """src (B, D, H, W), mask (B, H, W), pos (B, D, H, W) → memory, memory_mask, memory_pos (B, HW, ·)."""
+    def encode(self, src: Tensor, mask: Tensor, pos: Tensor,
+               layer_inputs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """src (B, D, H, W), mask (B, H, W), pos (B, D, H, W) → memory, memory_mask, memory_pos (B, HW, ·).
+
+        ``layer_inputs`` go to the encoder layers that take them (:class:`TransformerEncoder`),
+        with ``feature_size`` = (H, W) added; memory is then (S·B, HW, D) if a layer adds
+        streams, memory_mask and memory_pos stay (B, HW, ·).
+        """
+        feature_size = tuple(src.shape[-2:])
         src = src.flatten(2).transpose(1, 2)
         pos = pos.flatten(2).transpose(1, 2)
         mask = mask.flatten(1)
-        memory = self.encoder(src, pos, mask)
+        if layer_inputs is not None:
+            layer_inputs = {**layer_inputs, "feature_size": feature_size}
+        memory = self.encoder(src, pos, mask, layer_inputs)
         return memory, mask, pos

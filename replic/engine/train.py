@@ -138,7 +138,7 @@ class Trainer:
         seed_everything(self.process_seed)
 
         # Method inputs (a teacher checkpoint ...) and data first: both fail before the model is built.
-        self.method = build_method(cfg)
+        self.method = build_method(cfg, run_dir=self.paths.root)
         self.method.check_inputs()
         self.dataset = build_dataset(cfg, "train")
         self.steps_per_epoch = EpochBatchSampler(

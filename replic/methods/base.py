@@ -46,6 +46,8 @@ class TrainingMethod(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.options = options
+        # The training run's directory (set by the engine; None when only building the model).
+        self.run_dir: Any = None
         self._frozen: dict[str, nn.Module] = {}
 
     # ------------------------------------------------------------------ hooks

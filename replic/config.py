@@ -158,7 +158,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         try:
             validate()
         except ConfigError as err:
-            raise ConfigError(f"{prefix + ': ' if prefix else ''}{err}") from err
+            message = str(err)
+            # "batch_size: must be positive" from TrainConfig becomes "train.batch_size: ...".
+            if prefix and message.split(":", 1)[0] in fields:
+                raise ConfigError(f"{prefix}.{message}") from err
+            raise ConfigError(f"{prefix + ': ' if prefix else ''}{message}") from err
     return obj
 
 
@@ -166,10 +170,32 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+#: Field metadata for a key added after runs were recorded: ``to_dict`` leaves it out while it
+#: holds its default, so the resolved config (and ``config_hash``) of every experiment that does
+#: not use it stays what it was before the key existed. Use as ``field(default=..., metadata=ADDED_KEY)``.
+ADDED_KEY: dict[str, bool] = {"omit_if_default": True}
+
+
+def _at_added_default(obj: Any, f: dataclasses.Field) -> bool:
+    if not f.metadata.get("omit_if_default"):
+        return False
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return False
+    return getattr(obj, f.name) == default
+
+
 def to_dict(obj: Any) -> Any:
-    """Turn a dataclass tree into plain JSON/YAML-ready data (tuples become lists)."""
+    """Turn a dataclass tree into plain JSON/YAML-ready data (tuples become lists).
+
+    Fields marked :data:`ADDED_KEY` are omitted while they hold their default.
+    """
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not _at_added_default(obj, f)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -120,13 +120,19 @@ def load_torch_weights_only(path: str | os.PathLike, *, map_location: Any = "cpu
         raise
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        if any("weights_only" in line or "GLOBAL" in line or "Unsupported" in line for line in lines):
-            detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0])
+        detail = next((ln for ln in lines if "GLOBAL" in ln), "")
+        if detail:  # a class or function outside the allow-list; anything else is a damaged file
             raise CheckpointReadError(
                 f"{path}: refused to load: it pickles an object outside the allow-list "
                 f"({allowed}): {detail}"
             ) from err
-        raise CheckpointReadError(f"{path}: not a readable torch checkpoint: {lines[0] if lines else err}") from err
+        # Not torch's advice about weights_only=False: the unpickler's own reason, if it gives one.
+        reason = next((ln.split("WeightsUnpickler error:", 1)[1].strip() for ln in lines
+                       if "WeightsUnpickler error:" in ln), "")
+        raise CheckpointReadError(
+            f"{path}: not a readable torch checkpoint (truncated, or not written by torch.save)"
+            + (f": {reason}" if reason else "")
+        ) from err
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointReadError(

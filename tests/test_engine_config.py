@@ -102,7 +102,7 @@ def test_unknown_key_through_the_cli_names_the_key(tmp_path, capsys):
     ({"train": {"epochs": "ten"}}, r"train\.epochs: expected an integer"),
     ({"train": {"amp": "int8"}}, r"train\.amp: 'int8' is not one of"),
     ({"train": {"epochs": 10, "lr_drop": 40}}, r"train\.lr_drop: 40 is after the last epoch"),
-    ({"eval": {"batch_size": 0}}, r"eval: batch_size: must be positive"),
+    ({"eval": {"batch_size": 0}}, r"eval\.batch_size: must be positive"),
     ({"train": {"device": "cpu", "amp": "fp16"}}, r"fp16 needs a CUDA device"),
 ])
 def test_wrong_types_and_impossible_combinations_are_errors(override, message):

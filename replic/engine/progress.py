@@ -91,6 +91,6 @@ class MetricsLog:
                 continue  # a torn last line from a killed run
             if int(record.get("step", 0)) <= global_step:
                 kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        from replic.io import atomic_write_text
+
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))

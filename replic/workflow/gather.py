@@ -342,10 +342,10 @@ def render_provenance(
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})
-    tmp.replace(path)
+    from replic.io import atomic_path
+
+    with atomic_path(path) as tmp:  # a killed gather never leaves half a figure
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
 
 
 def plot_ap_bars(table: Table, rows: list[GatheredRow], scale: str, path: Path) -> None:

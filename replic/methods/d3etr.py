@@ -218,17 +218,17 @@ class D3ETR(TrainingMethod):
                    context: dict[str, Any]) -> dict[str, Tensor]:
         """Every distillation term of one step (registered on the criterion)."""
         teacher = outputs["distill_teacher"]
-        t_layers = _layers(teacher)
+        t_layers = layer_outputs(teacher)
         losses: dict[str, Tensor] = {}
         if self.uses_adaptive:
-            s_layers = _layers(outputs)
+            s_layers = layer_outputs(outputs)
             for layer, sfx in self._layer_keys(len(s_layers)):
                 t_layer = t_layers[layer - len(s_layers) + len(t_layers)]
                 indices = self.matcher(s_layers[layer], t_layer)
                 losses.update(self._pair_terms("d3_ada_", sfx, s_layers[layer], t_layer, indices, outputs, teacher))
         if self.uses_fixed:
             group = outputs["extra_groups"][0]
-            g_layers = _layers(group)
+            g_layers = layer_outputs(group)
             batch, queries = group["pred_logits"].shape[:2]
             indices = identity_indices(batch, queries)
             for layer, sfx in self._layer_keys(len(g_layers)):
@@ -275,7 +275,7 @@ class D3ETR(TrainingMethod):
         return {f"d3_fix_gt_{k}{sfx}": v for k, v in terms.items()}
 
 
-def _layers(out: dict[str, Any]) -> list[dict[str, Any]]:
+def layer_outputs(out: dict[str, Any]) -> list[dict[str, Any]]:
     """Per decoder layer, first to last: predictions (and attention maps when returned)."""
     preds = [*out.get("aux_outputs", []), {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}]
     attention = out.get("attention")

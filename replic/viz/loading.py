@@ -28,6 +28,22 @@ from replic.data.config import DataConfig
 from replic.models.config import ModelConfig
 
 
+def _build_detector(model_cfg: ModelConfig, run_config: Any) -> torch.nn.Module:
+    """The detector as the run's training method builds it (KS-DETR swaps an encoder layer),
+    else the plain detector of ``model_cfg``."""
+    from replic.models.build import build_model
+
+    method = run_config.get("method") if isinstance(run_config, dict) else None
+    if not isinstance(method, dict) or method.get("name", "none") == "none":
+        return build_model(model_cfg)
+    from replic.engine.config import build_config
+    from replic.methods import build_method
+
+    exp = build_config(dict(run_config))
+    exp.model = model_cfg
+    return build_method(exp).build_model()
+
+
 @dataclass
 class VizModel:
     """A detector ready for attention extraction, with what it was built from."""
@@ -95,7 +111,6 @@ def load_model_for_viz(
         device: where the model lives.
     """
     from replic.engine.checkpoint import load_checkpoint, model_state_from_checkpoint
-    from replic.models.build import build_model
 
     path = Path(checkpoint)
     if path.suffix == ".safetensors":  # converted official weights: config in the metadata
@@ -129,7 +144,7 @@ def load_model_for_viz(
             _, data_cfg, name = _config_from_file(beside, None)
     # The weights come from the checkpoint: never read or download a pretrained backbone.
     model_cfg = dataclasses.replace(model_cfg, pretrained_backbone="none")
-    model = build_model(model_cfg)
+    model = _build_detector(model_cfg, data.get("config") if config is None else None)
     state = model_state_from_checkpoint(data, path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "replic.data.cli",
     "replic.eval.cli",
     "replic.engine.cli",
+    "replic.engine.pretrain",
     "replic.models.convert_cli",
     "replic.viz.cli",
 )
@@ -53,8 +54,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from replic.io import DiskFullError
+
     try:
         return int(args.func(args) or 0)
+    except DiskFullError as err:
+        # Not bad input, but as clear: the file and "no space"; the previous version is intact.
+        if args.verbose:
+            raise
+        from replic.engine.exit_codes import EXIT_DISK_FULL
+
+        print(f"replic {args.command}: error: {err.strerror}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except (ValueError, FileNotFoundError, KeyError) as err:
         # Input errors are reported as one clear line, not a traceback.
         if args.verbose:

@@ -49,14 +49,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException as err:
+        # torch.save reports a full disk as a bare iostream error: look at the space left too
+        # (before removing the partial file, which frees it again).
+        full = _is_disk_full(err) or (isinstance(err, Exception) and _almost_no_space(path.parent))
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if _is_disk_full(err):
+        if full:
             raise DiskFullError(
                 errno.ENOSPC, f"{path}: no space left on device while writing it "
                 f"({os.strerror(errno.ENOSPC)}); the previous version of the file is kept"
             ) from err
         raise
+
+
+def _almost_no_space(folder: Path) -> bool:
+    """Less than 1 MiB left for unprivileged writes on ``folder``'s filesystem."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < (1 << 20)
 
 
 def _is_disk_full(err: BaseException) -> bool:

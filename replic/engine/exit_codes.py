@@ -4,3 +4,5 @@
 EXIT_PREEMPTED = 75
 # A NaN or infinite loss stopped the run; the last good checkpoint is kept.
 EXIT_NONFINITE_LOSS = 3
+# A write ran out of disk space (replic.io.DiskFullError, EX_IOERR); the previous files are kept.
+EXIT_DISK_FULL = 74

@@ -34,6 +34,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/runs.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/ks_detr.smk"
 
 
 # Cheap bookkeeping runs on the submitting host, not as cluster jobs.
@@ -42,6 +43,7 @@ localrules:
     check_data,
     scale_overlay,
     table,
+    ks_attention_table,
 
 
 rule all:
@@ -49,4 +51,5 @@ rule all:
     input:
         [table_outputs(name) for name in PAPER_TABLES],
         [f"results/figures/table_{name}_extremity.csv" for name in PAPER_TABLES],
+        [f"results/figures/table_{name}_ks_attention.csv" for name in PAPER_TABLES if ks_experiments(name)],
     default_target: True

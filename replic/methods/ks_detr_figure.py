@@ -134,8 +134,37 @@ def plot(summary: dict[str, Any], title: str = "") -> Any:
     return fig
 
 
+def collect(summaries: list[str | Path], out: str | Path) -> Path:
+    """One CSV row per (run, map) from the figures' JSON summaries: attention mass on foreground."""
+    import csv
+    import io
+
+    from replic.io import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["run", "image_id", "fg_tokens", "map", "fg_query_mass_on_fg", "bg_query_mass_on_fg"])
+    for path in summaries:
+        record = json.loads(Path(path).read_text())
+        for name, stats in record["attention_mass_on_fg"].items():
+            writer.writerow([record["run"], record["image_id"], record["fg_tokens"], name,
+                             *(f"{stats[k]:.4f}" if k in stats else "" for k in ("fg_query_mass_on_fg",
+                                                                                  "bg_query_mass_on_fg"))])
+    atomic_write_text(out, buffer.getvalue())
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI: render the figure (PNG) and its attention-mass summary (JSON beside it)."""
+    """CLI: render the figure (PNG) and its attention-mass summary (JSON beside it);
+    ``collect --out X.csv A.json B.json ...`` gathers summaries into one CSV."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["collect"]:
+        parser = argparse.ArgumentParser(prog="python -m replic.methods.ks_detr_figure collect")
+        parser.add_argument("--out", required=True)
+        parser.add_argument("summaries", nargs="*")
+        ns = parser.parse_args(argv[1:])
+        print(f"wrote {collect(ns.summaries, ns.out)}")
+        return 0
     from replic.config import ConfigError
     from replic.io import atomic_write_bytes
     from replic.methods import parse_method_options

@@ -1,0 +1,49 @@
+# KS-DETR attention figures (replic/methods/ks_detr_figure.py): for every KS run of a table, one
+# val image with its GT mask on the token grid and the student's vs each teacher's encoder
+# attention for a few foreground and background tokens, plus a CSV of the attention mass that
+# falls on foreground tokens, per run and map.
+#
+#   snakemake --cores all results/figures/table_ks_detr_ks_attention.csv
+
+from replic.engine.config import load_with_extends
+
+
+def ks_experiments(table):
+    """The experiments of ``table`` trained with method ks_detr (read from their configs)."""
+    names = []
+    for experiment in REGISTRY.experiments([table]):
+        path = Path(config["experiments_dir"]) / f"{experiment}.yaml"
+        if path.is_file() and (load_with_extends(path).get("method") or {}).get("name") == "ks_detr":
+            names.append(experiment)
+    return names
+
+
+rule ks_attention_figure:
+    """GT mask on the grid and student vs teacher attention of one KS run."""
+    input:
+        checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",
+    output:
+        figure="results/figures/{scale}/ks_attention/{experiment}.png",
+        summary="results/figures/{scale}/ks_attention/{experiment}.json",
+    log:
+        "results/logs/ks_attention_{scale}_{experiment}.log",
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "export OMP_NUM_THREADS={threads}; "
+        "python -m replic.methods.ks_detr_figure --checkpoint {input.checkpoint} --out {output.figure} > {log} 2>&1"
+
+
+rule ks_attention_table:
+    """Every KS run of a table: the figures, and their attention-mass summaries in one CSV."""
+    input:
+        lambda wildcards: [f"results/figures/{SCALE}/ks_attention/{e}.json" for e in ks_experiments(wildcards.table)],
+    output:
+        "results/figures/table_{table}_ks_attention.csv",
+    log:
+        "results/logs/ks_attention_table_{table}.log",
+    conda:
+        ENV
+    shell:
+        "python -m replic.methods.ks_detr_figure collect --out {output} {input} > {log} 2>&1"

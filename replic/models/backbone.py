@@ -109,7 +109,8 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str = "resnet50", train_backbone: bool = True, dilation: bool = False,
-                 pretrained: str = "none", levels: tuple[str, ...] = ("C5",), channels_last: bool = False) -> None:
+                 pretrained: str = "none", levels: tuple[str, ...] = ("C5",), channels_last: bool = False,
+                 input_level: str = "C5") -> None:
         super().__init__()
         if name not in _TORCHVISION_WEIGHTS:
             raise ValueError(f"backbone: unknown ResNet {name!r}; choose from {sorted(_TORCHVISION_WEIGHTS)}")
@@ -121,10 +122,16 @@ class Backbone(nn.Module):
         for pname, param in resnet.named_parameters():
             trainable = train_backbone and any(s in pname for s in ("layer2", "layer3", "layer4"))
             param.requires_grad_(trainable)
-        wanted = set(levels) | {"C5"}
+        if input_level not in _LEVELS.values():
+            raise ValueError(f"input_level: unknown level {input_level!r}; choose from {list(_LEVELS.values())}")
+        # Stages after the last wanted level are not built (C4 input: no layer4 compute).
+        wanted = set(levels) | {input_level}
         return_layers = {stage: level for stage, level in _LEVELS.items() if level in wanted}
         self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
-        self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        # Channels of the map that feeds the transformer.
+        c5 = 512 if name in ("resnet18", "resnet34") else 2048
+        self.num_channels = c5 >> (3 - list(_LEVELS.values()).index(input_level))
+        self.input_level = input_level
         self.levels = tuple(level for level in _LEVELS.values() if level in wanted)
         self.channels_last = channels_last
         if channels_last:
@@ -133,13 +140,53 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor, mask: Tensor) -> OrderedDict[str, tuple[Tensor, Tensor]]:
         """images (B, 3, H, W), mask (B, H, W) True = pad → {level: (feature, mask at its size)}."""
         out: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        for level, feature in self.body(images).items():
+        if isinstance(images, BackboneFeatures):
+            maps = images.level_maps(self.levels)  # computed ahead by this (frozen) backbone
+        else:
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            maps = self.body(images)
+        for level, feature in maps.items():
             # Nearest-neighbour on a float copy, then back to bool, as the official code.
             level_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
             out[level] = (feature, level_mask)
         return out
+
+
+class BackboneFeatures:
+    """A padded image batch represented by its frozen backbone maps (``replic.engine.feature_cache``).
+
+    Passed to the detector in place of the (B, 3, H, W) image tensor: it reports that tensor's
+    ``shape``, ``device`` and ``dim()``, so the detector's checks and the padding mask (always at
+    pixel level) work unchanged, and :class:`Backbone` returns ``maps`` instead of running its
+    body. Only valid for a frozen backbone whose weights computed ``maps``.
+
+    Args:
+        maps: level name → (B, C, h, w) map of the padded batch.
+        image_shape: (B, 3, H, W) of the padded pixel batch the maps stand for.
+    """
+
+    def __init__(self, maps: dict[str, Tensor], image_shape: tuple[int, int, int, int]) -> None:
+        self.maps = dict(maps)
+        self.shape = torch.Size(image_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.maps.values())).device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BackboneFeatures:
+        return BackboneFeatures({k: v.to(device, non_blocking=non_blocking) for k, v in self.maps.items()},
+                                tuple(self.shape))
+
+    def level_maps(self, levels: tuple[str, ...]) -> OrderedDict[str, Tensor]:
+        """The maps of ``levels``; a clear error if the cache lacks one."""
+        missing = [level for level in levels if level not in self.maps]
+        if missing:
+            raise ValueError(f"cached backbone features lack levels {missing} (have {sorted(self.maps)})")
+        return OrderedDict((level, self.maps[level]) for level in levels)
 
 
 class Joiner(nn.Sequential):
@@ -150,8 +197,8 @@ class Joiner(nn.Sequential):
         self.num_channels = backbone.num_channels
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[OrderedDict[str, tuple[Tensor, Tensor]], Tensor]:
-        """→ ({level: (feature, mask)}, position encoding of C5 (B, D, H, W))."""
+        """→ ({level: (feature, mask)}, position encoding of the input level (B, D, H, W))."""
         features = self[0](images, mask)
-        _, c5_mask = features["C5"]
-        pos = self[1](c5_mask).to(features["C5"][0].dtype)
+        source, source_mask = features[self[0].input_level]
+        pos = self[1](source_mask).to(source.dtype)
         return features, pos

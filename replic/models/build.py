@@ -21,7 +21,7 @@ def build_model(cfg: ModelConfig) -> Detector:
     assert cfg.num_queries is not None  # resolved() fills every switch
     body = Backbone(cfg.backbone, train_backbone=cfg.train_backbone, dilation=cfg.dilation,
                     pretrained=cfg.pretrained_backbone, levels=tuple(cfg.backbone_levels),
-                    channels_last=cfg.channels_last)
+                    channels_last=cfg.channels_last, input_level=cfg.input_level)
     backbone = Joiner(body, PositionEmbeddingSine(cfg.hidden_dim // 2, normalize=True))
     encoder = TransformerEncoder(cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.enc_layers)
     if cfg.spatial_query == "none":

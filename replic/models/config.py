@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from replic.config import ConfigError
+from replic.config import ADDED_KEY, ConfigError
 
 Arch = Literal["detr", "conditional_detr"]
 SpatialQuery = Literal["csq", "csq_c", "csq_t", "csq_p", "csq_i", "none"]
@@ -99,7 +99,10 @@ class ModelConfig:
             (loaded with ``weights_only=True``; missing/unexpected keys are reported).
         train_backbone: False freezes the whole backbone (official: ``lr_backbone <= 0``).
         backbone_levels: which maps the detector returns under ``outputs["features"]``
-            (C2..C5 = layer1..layer4). Only C5 feeds the transformer.
+            (C2..C5 = layer1..layer4).
+        input_level: the map that feeds the transformer: ``C5`` (official, stride 32) or
+            ``C4`` (stride 16: the mini scale, 8-10 px maps at 128-160 px images); stages after
+            it are not built.
         channels_last: run the ResNet body in channels-last (NHWC) memory order — faster
             convolutions (measured on CPU: benchmarks/results_cpu.md); outputs differ from
             NCHW by float rounding only (tests/test_models_channels_last.py). Not part of
@@ -157,6 +160,7 @@ class ModelConfig:
     pretrained_backbone: str = "none"
     train_backbone: bool = True
     backbone_levels: list[BackboneLevel] = field(default_factory=lambda: ["C5"])
+    input_level: BackboneLevel = field(default="C5", metadata=ADDED_KEY)  # omitted while C5: hashes kept
     channels_last: bool = True
     hidden_dim: int = 256
     nheads: int = 8

@@ -47,6 +47,7 @@ class RunResult:
     loss_curve: list[tuple[float, float]] = field(default_factory=list)  # (epoch, training loss)
     box_std: float | None = None  # eval diagnostics: spread of each query's box across images
     gt_box_std: float | None = None  # the same statistic of the ground-truth boxes
+    top_box_std: float | None = None  # spread of each image's top-scoring box across images
 
 
 def _read_json(path: Path) -> Any:
@@ -134,6 +135,7 @@ def read_run(run_dir: Path) -> RunResult:
             if isinstance(diagnostics, dict):
                 result.box_std = _optional_float(diagnostics.get("box_std_across_images"))
                 result.gt_box_std = _optional_float(diagnostics.get("gt_box_std"))
+                result.top_box_std = _optional_float(diagnostics.get("top_box_std"))
             if provenance is None and isinstance(payload.get("provenance"), dict):
                 provenance = payload["provenance"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
@@ -166,6 +168,7 @@ class GatheredRow:
     status: str
     run: RunResult | None
     ours: dict[str, float]  # AP points (×100), NaN when not available
+    gain_ours: dict[str, float] = field(default_factory=dict)  # ours − ours of row.gain_over
 
 
 def gather_rows(table: Table, scale: str, runs_dir: str | Path) -> list[GatheredRow]:
@@ -184,6 +187,11 @@ def gather_rows(table: Table, scale: str, runs_dir: str | Path) -> list[Gathered
             continue
         ours = {m: round(run.metrics.get(m, NAN) * 100.0, 2) for m in table.metrics}
         rows.append(GatheredRow(row, STATUS_OK, run, ours))
+    by_id = {g.row.id: g for g in rows}
+    for g in rows:
+        if g.row.gain_over is not None:  # a published gain: ours is this row minus its base row
+            base = by_id[g.row.gain_over].ours
+            g.gain_ours = {m: round(g.ours[m] - base[m], 2) for m in table.gain_metrics()}
     return rows
 
 
@@ -207,9 +215,16 @@ def csv_columns(table: Table) -> list[str]:
     for metric in table.metrics:
         cols += [f"{metric}_paper", f"{metric}_ours", f"{metric}_diff"]
     cols += [f"{metric}_paper" for metric in table.paper_only]
+    if table.gain_metrics():
+        # Papers that publish gains only (D³ETR): the paper's gain over row gain_over vs ours.
+        cols.append("gain_over")
+        for metric in table.gain_metrics():
+            cols += [f"{metric}_gain_paper", f"{metric}_gain_ours", f"{metric}_gain_diff"]
     # Near-zero box_std (vs gt_box_std) = one fixed box per query: the run learned only the
-    # dataset's box prior (what smoke-scale runs do; configs/scales/smoke.yaml).
-    cols += ["box_std", "gt_box_std", "run_dir", "config_sha256", "git_commit", "git_dirty"]
+    # dataset's box prior (what smoke-scale runs do; configs/scales/smoke.yaml). top_box_std
+    # (each image's top-scoring box) separates a detector from the prior even for reference-point
+    # models, whose per-query box_std stays low (configs/scales/mini.yaml).
+    cols += ["box_std", "top_box_std", "gt_box_std", "run_dir", "config_sha256", "git_commit", "git_dirty"]
     return cols
 
 
@@ -238,10 +253,18 @@ def render_csv(name: str, table: Table, scale: str, rows: list[GatheredRow]) -> 
             record[f"{metric}_diff"] = _cell(_diff(g.ours[metric], paper))
         for metric in table.paper_only:
             record[f"{metric}_paper"] = _cell(g.row.paper.get(metric))
+        if table.gain_metrics():
+            record["gain_over"] = g.row.gain_over or ""
+            for metric in table.gain_metrics():
+                gain = g.gain_ours.get(metric, NAN)
+                record[f"{metric}_gain_paper"] = _cell(g.row.paper_gain.get(metric))
+                record[f"{metric}_gain_ours"] = _cell(gain)
+                record[f"{metric}_gain_diff"] = _cell(_diff(gain, g.row.paper_gain.get(metric)))
         run = g.run
         ok = run is not None and g.status == STATUS_OK
         record["box_std"] = _cell(run.box_std) if ok else ""
         record["gt_box_std"] = _cell(run.gt_box_std) if ok else ""
+        record["top_box_std"] = _cell(run.top_box_std) if ok else ""
         record["run_dir"] = run.run_dir if ok else ""
         record["config_sha256"] = (run.config_sha256 or "") if ok else ""
         record["git_commit"] = (run.git_commit or "") if ok else ""
@@ -259,11 +282,12 @@ def _md_number(value: float | None, signed: bool = False) -> str:
 
 def render_markdown(name: str, table: Table, scale: str, rows: list[GatheredRow], paper: str) -> str:
     """The table as Markdown: per metric 'paper / ours (Δ)'; 'n/p' = not published, '—' = no result."""
-    header = ["Row", "Epochs", "Status"] + table.metrics + table.paper_only
+    gains = table.gain_metrics()
+    header = ["Row", "Epochs", "Status"] + table.metrics + table.paper_only + [f"{m} gain over" for m in gains]
     lines = [
         f"# {table.title}",
         "",
-        f"Scale: **{scale}**. Source: {table.source} of {paper}.",
+        f"Scale: **{scale}**. Source: {table.source} of {table.paper or paper}.",
         "Cells: paper / ours (ours − paper), AP points. `n/p`: not published; `—`: no result; "
         "*: row label inferred by the reference notes.",
         "",
@@ -292,6 +316,15 @@ def render_markdown(name: str, table: Table, scale: str, rows: list[GatheredRow]
         for metric in table.paper_only:
             value = g.row.paper.get(metric)
             cells.append("n/p" if value is None else f"{value:g}")
+        for metric in gains:  # "<base row>: paper gain / our gain (ours − paper)"
+            if g.row.gain_over is None:
+                cells.append("")
+                continue
+            paper_gain, ours_gain = g.row.paper_gain.get(metric), g.gain_ours.get(metric, NAN)
+            paper_text = "n/p" if paper_gain is None else f"{paper_gain:+.1f}"
+            ours_text = "—" if math.isnan(ours_gain) else (
+                f"{ours_gain:+.1f} ({_md_number(_diff(ours_gain, paper_gain), signed=True)})")
+            cells.append(f"{g.row.gain_over}: {paper_text} / {ours_text}")
         lines.append("| " + " | ".join(cells) + " |")
     counts = {s: sum(g.status == s for g in rows) for s in (STATUS_OK, STATUS_MISSING, STATUS_CITED)}
     lines += ["", f"Rows: {counts[STATUS_OK]} ok, {counts[STATUS_MISSING]} missing, {counts[STATUS_CITED]} cited.", ""]
@@ -329,6 +362,13 @@ def render_provenance(
             }
             for metric in table.metrics
         }
+        if g.row.gain_over is not None:
+            entry["gain_over"] = g.row.gain_over
+            entry["gain_cells"] = {
+                metric: {"paper": g.row.paper_gain.get(metric),
+                         "ours": None if math.isnan(g.gain_ours.get(metric, NAN)) else g.gain_ours[metric]}
+                for metric in table.gain_metrics()
+            }
         out_rows.append(entry)
     document = {
         "table": name,

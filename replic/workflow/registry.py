@@ -38,6 +38,11 @@ class Row:
     inferred: bool = False
     note: str | None = None
     paper: dict[str, float | None] = field(default_factory=dict)
+    # A paper that publishes only a gain (e.g. D³ETR: "+7.8 AP") states it relative to another row
+    # of the same table: ``gain_over: <row id>`` and ``paper_gain: {AP: 7.8}``; the table then
+    # shows the paper's gain beside ours (this row's result minus that row's).
+    gain_over: str | None = None
+    paper_gain: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +55,15 @@ class Table:
     rows: list[Row]
     paper_only: list[str] = field(default_factory=list)
     test_only: bool = False
+    # The paper this table reproduces, when not the registry's ``paper`` (several papers share it).
+    paper: str | None = None
+
+    def gain_metrics(self) -> list[str]:
+        """Metrics (in column order) for which some row states a published gain or a base row."""
+        if not any(row.gain_over for row in self.rows):
+            return []
+        named = {m for row in self.rows for m in row.paper_gain}
+        return [m for m in self.metrics if m in named] or self.metrics[:1]
 
 
 @dataclass
@@ -182,6 +196,18 @@ def _validate_table(name: str, table: Table) -> None:
                 )
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise ConfigError(f"{here}.paper.{metric}: expected a number or null, got {value!r}")
+        if row.paper_gain and row.gain_over is None:
+            raise ConfigError(f"{here}.paper_gain: a gain needs 'gain_over', the row it is relative to")
+        for metric, value in row.paper_gain.items():
+            if metric not in table.metrics:
+                raise ConfigError(f"{here}.paper_gain: metric '{metric}' is not a measured column {table.metrics}")
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                raise ConfigError(f"{here}.paper_gain.{metric}: expected a number or null, got {value!r}")
+    ids = [row.id for row in table.rows]
+    for i, row in enumerate(table.rows):
+        if row.gain_over is not None and (row.gain_over not in ids or row.gain_over == row.id):
+            raise ConfigError(f"{where}.rows[{i}] (id '{row.id}').gain_over: '{row.gain_over}' is not another "
+                              f"row of this table")
 
 
 def experiment_traits(experiment: str) -> set[str]:

@@ -57,6 +57,8 @@ class Table:
     test_only: bool = False
     # The paper this table reproduces, when not the registry's ``paper`` (several papers share it).
     paper: str | None = None
+    # Shown under the title: what the paper says that is not a number (e.g. a qualitative claim).
+    note: str | None = None
 
     def gain_metrics(self) -> list[str]:
         """Metrics (in column order) for which some row states a published gain or a base row."""
@@ -221,6 +223,36 @@ def experiment_epochs(experiment: str) -> int | None:
         match = re.fullmatch(r"(\d+)ep", token)
         if match:
             return int(match.group(1))
+    return None
+
+
+def experiment_teacher(config_path: str | Path) -> tuple[str, str] | None:
+    """The teacher an experiment's method names: ("experiment", NAME), ("checkpoint", FILE) or None.
+
+    Read from the YAML and its ``extends`` chain without importing torch (the Snakefile calls it
+    while building the DAG, so a student's training rule depends on its teacher's run).
+    """
+    method: dict[str, Any] = {}
+    path, seen = Path(config_path).resolve(), set()
+    while path not in seen:  # child first: the nearest file that sets a key wins
+        seen.add(path)
+        data = load_yaml(path)
+        section = data.get("method")
+        if isinstance(section, dict):
+            teacher = section.get("teacher")
+            if isinstance(teacher, dict) and "teacher" in method:
+                teacher = {**teacher, **method["teacher"]}
+            method = {**section, **method, **({"teacher": teacher} if isinstance(teacher, dict) else {})}
+        parent = data.get("extends", data.get("base"))
+        if not isinstance(parent, str):
+            break
+        path = (path.parent / parent).resolve()
+    teacher = method.get("teacher")
+    if not isinstance(teacher, dict):
+        return None
+    for kind in ("experiment", "checkpoint"):
+        if teacher.get(kind) is not None:
+            return kind, str(teacher[kind])
     return None
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from replic.config import ConfigError
-from replic.workflow.registry import load_registry
+from replic.workflow.registry import experiment_teacher, load_registry
 
 SCALE = config["scale"]
 RUNS = config["runs_dir"]
@@ -52,6 +52,19 @@ def experiment_config(wildcards):
             f"(needed by registry rows: {', '.join(users) or 'none'})"
         )
     return str(path)
+
+
+def teacher_checkpoint(wildcards):
+    """A distillation student's teacher (method.teacher of its config): the final checkpoint of the
+    teacher's run at the same scale (so the teacher trains first, once, shared by every student),
+    or the named checkpoint file; nothing for other experiments."""
+    teacher = experiment_teacher(experiment_config(wildcards))
+    if teacher is None:
+        return []
+    kind, value = teacher
+    if kind == "experiment":
+        return [f"{RUNS}/{wildcards.scale}/{value}/checkpoint_final.pt"]
+    return [value]
 
 
 def run_dir(wildcards):

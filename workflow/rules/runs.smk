@@ -13,6 +13,8 @@ rule train:
         config=experiment_config,
         overlay=f"{RUNS}/{{scale}}/scale.yaml",
         data=f"{RUNS}/{{scale}}/data.json",
+        # Distillation: the teacher's run (read by the method from the sibling run directory).
+        teacher=teacher_checkpoint,
     output:
         done=f"{RUNS}/{{scale}}/{{experiment}}/done.json",
         checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",

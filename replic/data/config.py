@@ -7,8 +7,9 @@ overrides the sizes (e.g. ``train_scales: [128, 160, 192]``) in a YAML overlay.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from replic.config import ConfigError
+from replic.config import ADDED_KEY, ConfigError
 
 
 def _detr_train_scales() -> list[int]:
@@ -43,6 +44,11 @@ class DataConfig:
     num_workers: int = 2
     # Check that every image file referenced by the annotation file exists, at construction.
     check_files: bool = True
+    # Resize arithmetic: "detr" (DETR's get_size_with_aspect_ratio: short side = scale, long side
+    # capped at max_size) or "mmdet" (mmcv imrescale keep_ratio to (max_size, scale): factor
+    # min(max_size / long, scale / short), sides int(x * factor + 0.5); the CNN detectors' recipe).
+    # Left out of the resolved config while "detr" (configs written before it keep their hash).
+    resize_rule: Literal["detr", "mmdet"] = field(default="detr", metadata=ADDED_KEY)
 
     def validate(self) -> None:
         """Reject impossible sizes before any data is read."""

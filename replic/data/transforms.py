@@ -64,6 +64,21 @@ def detr_resize_size(height: int, width: int, size: int, max_size: int | None = 
     return size, int(size * width / height)
 
 
+def mmdet_resize_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """Output (h, w) of mmcv's ``imrescale`` with ``keep_ratio`` to the scale (max_size, size).
+
+    The factor is min(max_size / long side, size / short side) (no cap without ``max_size``),
+    each side becomes ``int(side * factor + 0.5)``: the MMDetection 2.x ``Resize`` arithmetic.
+    """
+    factor = size / min(height, width)
+    if max_size is not None:
+        factor = min(factor, max_size / max(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+_SIZE_RULES = {"detr": detr_resize_size, "mmdet": mmdet_resize_size}
+
+
 def _canvas(image: torch.Tensor) -> tuple[int, int]:
     return int(image.shape[-2]), int(image.shape[-1])
 
@@ -138,22 +153,29 @@ class RandomHorizontalFlip:
 
 
 class RandomResize:
-    """Resize the short side to one of ``sizes`` (uniform), long side capped at ``max_size``."""
+    """Resize the short side to one of ``sizes`` (uniform), long side capped at ``max_size``.
 
-    def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
+    ``rule``: the size arithmetic, ``"detr"`` (:func:`detr_resize_size`) or ``"mmdet"``
+    (:func:`mmdet_resize_size`).
+    """
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None, rule: str = "detr") -> None:
         if not sizes:
             raise ValueError("RandomResize needs at least one size")
         self.sizes = list(sizes)
         self.max_size = max_size
+        self.rule = rule
+        self._size_fn = _SIZE_RULES[rule]
 
     def __call__(self, image: tv_tensors.Image, target: Target) -> Pair:
         # A single size draws nothing, so validation leaves the RNG stream untouched.
         size = self.sizes[0] if len(self.sizes) == 1 else self.sizes[_randint(0, len(self.sizes) - 1)]
         h, w = _canvas(image)
-        return resize(image, target, detr_resize_size(h, w, size, self.max_size))
+        return resize(image, target, self._size_fn(h, w, size, self.max_size))
 
     def __repr__(self) -> str:
-        return f"RandomResize(sizes={self.sizes}, max_size={self.max_size})"
+        rule = "" if self.rule == "detr" else f", rule={self.rule!r}"
+        return f"RandomResize(sizes={self.sizes}, max_size={self.max_size}{rule})"
 
 
 class RandomSizeCrop:
@@ -221,12 +243,13 @@ def make_transforms(split: str, cfg: DataConfig | None = None) -> Compose:
     """The DETR augmentation recipe for ``split`` ("train" or "val"), sized by ``cfg``."""
     cfg = cfg or DataConfig()
     if split == "train":
-        resize_a = RandomResize(cfg.train_scales, max_size=cfg.max_size)
+        rule = cfg.resize_rule
+        resize_a = RandomResize(cfg.train_scales, max_size=cfg.max_size, rule=rule)
         branch_b = Compose(
             [
                 RandomResize(cfg.crop_scales),
                 RandomSizeCrop(*cfg.crop_size),
-                RandomResize(cfg.train_scales, max_size=cfg.max_size),
+                RandomResize(cfg.train_scales, max_size=cfg.max_size, rule=rule),
             ]
         )
         return Compose(
@@ -237,5 +260,6 @@ def make_transforms(split: str, cfg: DataConfig | None = None) -> Compose:
             ]
         )
     if split == "val":
-        return Compose([RandomResize([cfg.val_size], max_size=cfg.val_max_size), NormalizeToContract()])
+        return Compose([RandomResize([cfg.val_size], max_size=cfg.val_max_size, rule=cfg.resize_rule),
+                        NormalizeToContract()])
     raise ValueError(f"unknown split {split!r}: expected 'train' or 'val'")

@@ -20,16 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from replic.config import ConfigError, deep_merge, from_dict, load_yaml
+from replic.config import ADDED_KEY, ConfigError, deep_merge, from_dict, load_yaml
 from replic.data.config import DataConfig
 from replic.methods import DEFAULT_METHOD, parse_method_options
+from replic.models.cnn.config import CnnModelConfig
 from replic.models.config import ModelConfig
 
-SCALE_NAMES: tuple[str, ...] = ("smoke", "paper")
+SCALE_NAMES: tuple[str, ...] = ("smoke", "mini", "paper")
 # Keys an experiment YAML may use to name the file it builds on.
 EXTENDS_KEYS: tuple[str, ...] = ("extends", "base")
 # Placeholder value for the class count that comes from the data.
 AUTO = "auto"
+# Model family (``model.family``; absent = detr) -> the schema of the model section.
+MODEL_FAMILIES: dict[str, type] = {"detr": ModelConfig, "cnn": CnnModelConfig}
 
 
 @dataclass
@@ -62,9 +65,50 @@ class TrainConfig:
     find_unused_parameters: bool = False
     # torch.use_deterministic_algorithms (warn_only on CUDA where some kernels lack one).
     deterministic: bool = True
+    # Frozen-backbone feature cache (replic/engine/feature_cache.py): compute the backbone maps
+    # of every (train image, flip) once, keyed by backbone weights + data + transform, and train
+    # the transformer from them. Needs model.train_backbone false, one data.train_scales size
+    # and data.resize_only_prob 1.0 (the only random choice left is the flip).
+    # (ADDED_KEY: left out of the resolved config while at the default, so existing run
+    # directories keep their config hash.)
+    feature_cache: bool = field(default=False, metadata=ADDED_KEY)
+    # Where cache files (<sha256 key>.pt) live; runs with the same backbone and data share them.
+    feature_cache_dir: str = field(default="feature_cache", metadata=ADDED_KEY)
+    # Periodic evaluation: every this many optimizer steps (0 = never), score the first
+    # eval_every_images val images (null = all) and write a {"type": "eval"} line to metrics.jsonl.
+    eval_every: int = field(default=0, metadata=ADDED_KEY)
+    eval_every_images: int | None = field(default=None, metadata=ADDED_KEY)
+    # --- keys added for the CNN family (mmdet recipe); left out of the resolved config while at
+    # their default, so the DETR configs keep their hash. See replic/engine/optim.py.
+    # adamw (DETR: lr / lr_backbone groups) | sgd (mmdet: momentum, same groups).
+    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata=ADDED_KEY)
+    momentum: float = field(default=0.9, metadata=ADDED_KEY)
+    # step: StepLR(lr_drop, lr_gamma) per epoch (DETR) | multistep: x lr_gamma at each epoch in lr_steps (mmdet).
+    lr_schedule: Literal["step", "multistep"] = field(default="step", metadata=ADDED_KEY)
+    lr_steps: list[int] = field(default_factory=list, metadata=ADDED_KEY)
+    # mmdet 'linear' warm-up over the first warmup_iters optimizer steps, from warmup_ratio x lr
+    # (multistep only; 0 = none).
+    warmup_iters: int = field(default=0, metadata=ADDED_KEY)
+    warmup_ratio: float = field(default=0.001, metadata=ADDED_KEY)
+    # mmdet paramwise_cfg: lr and weight-decay multipliers of bias parameters outside norm layers.
+    bias_lr_mult: float = field(default=1.0, metadata=ADDED_KEY)
+    bias_decay_mult: float = field(default=1.0, metadata=ADDED_KEY)
 
     def validate(self) -> None:
         """Reject impossible recipes."""
+        if self.lr_schedule == "multistep":
+            if not self.lr_steps or any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:])):
+                raise ConfigError(f"lr_steps: multistep needs increasing epochs, got {self.lr_steps}")
+            if self.lr_steps[0] <= 0:
+                raise ConfigError(f"lr_steps: epochs must be positive, got {self.lr_steps}")
+        elif self.lr_steps or self.warmup_iters:
+            raise ConfigError("lr_steps / warmup_iters: only used with lr_schedule: multistep")
+        if self.warmup_iters < 0 or not 0.0 < self.warmup_ratio <= 1.0:
+            raise ConfigError(f"warmup: need warmup_iters >= 0 and 0 < warmup_ratio <= 1, got "
+                              f"{self.warmup_iters}, {self.warmup_ratio}")
+        for name in ("momentum", "bias_lr_mult", "bias_decay_mult"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "lr_drop", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -77,6 +121,12 @@ class TrainConfig:
             raise ConfigError(f"max_steps: must be positive, got {self.max_steps}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every: must be >= 0, got {self.checkpoint_every}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every: must be >= 0, got {self.eval_every}")
+        if self.eval_every_images is not None and self.eval_every_images <= 0:
+            raise ConfigError(f"eval_every_images: must be positive, got {self.eval_every_images}")
+        if self.feature_cache and not self.feature_cache_dir:
+            raise ConfigError("feature_cache_dir: must name a directory when feature_cache is true")
         if self.device == "cpu" and self.amp == "fp16":
             raise ConfigError("amp: fp16 needs a CUDA device (train.device is cpu)")
 
@@ -109,7 +159,9 @@ class ExperimentConfig:
     # Base seed; process r uses seed + r (the official convention).
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The detector: a DETR (ModelConfig) or, with ``family: cnn``, a torchvision CNN detector
+    # (replic.models.cnn.config.CnnModelConfig). :func:`build_config` picks the schema.
+    model: ModelConfig | CnnModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # The training method (replic.methods): ``name`` plus that method's own options, checked
@@ -119,14 +171,23 @@ class ExperimentConfig:
     def validate(self) -> None:
         """Cross-section checks."""
         parse_method_options(self.method)
+        if self.train.feature_cache:
+            from replic.engine.feature_cache import check_cacheable
+
+            check_cacheable(self)
         if self.seed < 0:
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
-        if self.train.max_steps is None and self.train.lr_drop > self.train.epochs:
+        if (self.train.lr_schedule == "step" and self.train.max_steps is None
+                and self.train.lr_drop > self.train.epochs):
             # Allowed by StepLR, but then the drop never happens: almost always a typo.
             raise ConfigError(
                 f"train.lr_drop: {self.train.lr_drop} is after the last epoch "
                 f"(train.epochs = {self.train.epochs}); the lr would never drop"
             )
+        if (self.train.lr_schedule == "multistep" and self.train.max_steps is None
+                and self.train.lr_steps[-1] >= self.train.epochs):
+            raise ConfigError(f"train.lr_steps: {self.train.lr_steps} reaches the last epoch "
+                              f"(train.epochs = {self.train.epochs}); a step would never happen")
 
 
 def load_with_extends(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -221,7 +282,7 @@ def resolve_raw(config_path: str | Path, scale: str | None = None) -> dict[str, 
     raw.setdefault("scale", "paper")
     if scale is not None:
         overlay = load_with_extends(find_scale_file(scale, config_path))
-        raw = deep_merge(raw, overlay)
+        raw = deep_merge(raw, family_overlay(overlay, model_family_name(raw)))
         if "scale" not in overlay:
             raw["scale"] = scale if scale in SCALE_NAMES else Path(scale).stem
     # The experiment's own per-scale sizes win over the generic overlay (e.g. a distillation
@@ -249,6 +310,34 @@ def _pop_scale_overrides(raw: dict[str, Any], config_path: str | Path) -> dict[s
     return per_scale
 
 
+def model_family_name(raw: dict[str, Any]) -> str:
+    """The model family of plain config data: ``model.family`` (only ``cnn``), else ``detr``."""
+    model = raw.get("model")
+    family = model.get("family", "detr") if isinstance(model, dict) else "detr"
+    if family not in MODEL_FAMILIES:
+        raise ConfigError(f"model.family: {family!r} is not one of ['cnn'] "
+                          "(leave it out for DETR / Conditional DETR)")
+    return family
+
+
+def family_overlay(overlay: dict[str, Any], family: str) -> dict[str, Any]:
+    """A scale overlay as it applies to one model family.
+
+    An overlay's ``model`` section is DETR-shaped; its ``families: {<family>: {...}}`` entries
+    hold the other families' sizes. For a non-DETR family the overlay's ``model`` is dropped and
+    that family's entry is merged on top of the rest (``data``, ``train``, ``eval``).
+    """
+    overlay = dict(overlay)
+    families = overlay.pop("families", None) or {}
+    if not isinstance(families, dict) or set(families) - set(MODEL_FAMILIES):
+        raise ConfigError(f"scale overlay: families must map family names {list(MODEL_FAMILIES)} "
+                          f"to config keys, got {families!r}")
+    if family == "detr":
+        return overlay
+    overlay.pop("model", None)
+    return deep_merge(overlay, families.get(family) or {})
+
+
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate plain data into an ``ExperimentConfig``; then resolve ``num_classes: auto``.
 
@@ -259,6 +348,9 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     checked = copy.deepcopy(raw)
     for section, key in autos:
         checked[section][key] = 1
+    # The model section against its family's schema first: errors name its keys, not a union.
+    schema = MODEL_FAMILIES[model_family_name(checked)]
+    from_dict(schema, checked.get("model") or {}, prefix="model")
     cfg = from_dict(ExperimentConfig, checked)
     if autos:
         n = num_classes_from_annotations(train_annotation_file(cfg.data))

@@ -91,17 +91,18 @@ def build_detector(cfg: ExperimentConfig) -> torch.nn.Module:
 
 
 def build_loss(cfg: ExperimentConfig) -> torch.nn.Module:
-    """Matcher + criterion of the experiment."""
-    from replic.models.build import build_criterion
+    """The loss of the experiment's model family (DETR: matcher + set criterion; CNN: the
+    detector's own terms), with ``weight_dict``."""
+    from replic.models.families import family_of
 
-    return build_criterion(cfg.model)
+    return family_of(cfg.model).build_criterion(cfg.model)
 
 
 def build_postprocessor(cfg: ExperimentConfig) -> torch.nn.Module:
-    """Post-processing (top-k over queries x classes) of the experiment."""
-    from replic.models.build import build_postprocess
+    """Post-processing of the experiment's model family (outputs -> boxes in the image files)."""
+    from replic.models.families import family_of
 
-    return build_postprocess(cfg.model)
+    return family_of(cfg.model).build_postprocess(cfg.model)
 
 
 def loader_generator(seed: int, *parts: int) -> torch.Generator:

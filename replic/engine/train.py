@@ -10,6 +10,7 @@ checkpoint reproduces, bit for bit on CPU, the run that never stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -30,7 +31,7 @@ from replic.engine.checkpoint import (
     restore_rng_state,
 )
 from replic.engine.config import ExperimentConfig
-from replic.engine.optim import build_optimizer, build_scheduler
+from replic.engine.optim import after_optimizer_step, build_optimizer, build_scheduler
 from replic.engine.progress import MetricsLog, Progress
 from replic.engine.rundir import RunPaths, prepare
 from replic.engine.runtime import (
@@ -151,6 +152,10 @@ class Trainer:
         self.method.to(self.device)
         self.method.setup(detector, self.criterion, self.device)
         self.weights = dict(self.criterion.weight_dict)
+        self.collate = None  # the image collate; the feature cache brings its own
+        self.cache_info: dict[str, Any] | None = None
+        if cfg.train.feature_cache:
+            self._use_feature_cache(detector)
         # Detector + the method's own trainable modules: one module, one DDP wrapper.
         model = MethodStep(detector, self.method)
         self.optimizer = build_optimizer(model, cfg.train)
@@ -180,11 +185,22 @@ class Trainer:
                 world_size=self.dist.world_size,
                 extra={"config_hash": config_hash(cfg), "device": str(self.device),
                        "method": {"name": self.method.name, **self.method.provenance()},
+                       "feature_cache": self.cache_info,
                        "resumed_from": str(self.resume_from) if self.resume_from else None,
                        "resumed_at": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                                       "global_step": self.global_step}},
             )
             atomic_write_json(self.paths.provenance, record)
+
+    def _use_feature_cache(self, detector: torch.nn.Module) -> None:
+        """Train from cached frozen-backbone maps (``train.feature_cache``; same outputs, see the module)."""
+        from replic.engine.feature_cache import CachedFeatureDataset, load_or_build
+
+        cache, self.cache_info = load_or_build(
+            self.cfg, self.dataset, detector.backbone[0], self.device, is_main=self.dist.is_main,
+            progress=self.show_progress and self.dist.is_main)
+        self.dataset = CachedFeatureDataset(cache, self.cfg.data.hflip_prob)
+        self.collate = CachedFeatureDataset.collate_fn
 
     # ---------------------------------------------------------- checkpoints
     def _state(self) -> dict[str, Any]:
@@ -263,6 +279,26 @@ class Trainer:
                                 "time": seconds})
         self.epoch_summary = means
 
+    def _periodic_eval(self, t0: float) -> None:
+        """Val AP at this step into metrics.jsonl (convergence curves); the RNG streams are left untouched."""
+        import dataclasses
+
+        from replic.engine.evaluate import evaluate_model
+
+        cfg = self.cfg
+        sub = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_images=cfg.train.eval_every_images))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            out_dir = self.paths.root / "eval_steps" / f"step_{self.global_step}"
+            evaluate_model(_unwrap(self.model), sub, out_dir, device=self.device, dist_info=self.dist,
+                           progress=False)
+        if self.dist.is_main:
+            record = json.loads((out_dir / "metrics.json").read_text())
+            values = {**record["metrics"], **record["diagnostics"]}
+            self.metrics.write({"type": "eval", "epoch": self.epoch, "step": self.global_step,
+                                "images": record["eval"]["images"],
+                                **{k: v for k, v in values.items() if v is not None},
+                                "time": time.time() - t0})
+
     # ----------------------------------------------------------------- loop
     def _loader(self, epoch: int, start: int) -> DataLoader:
         cfg = self.cfg
@@ -275,7 +311,7 @@ class Trainer:
         return DataLoader(
             SeededDataset(self.dataset, cfg.seed),
             batch_sampler=sampler,
-            collate_fn=collate_fn,
+            collate_fn=self.collate or collate_fn,
             num_workers=cfg.data.num_workers,
             worker_init_fn=worker_init if cfg.data.num_workers else None,
             generator=loader_generator(cfg.seed, epoch),
@@ -304,6 +340,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        after_optimizer_step(self.scheduler)  # per-iteration warm-up (CNN recipe); no-op for StepLR
         values = {"loss": total.detach()}
         values.update({k: v.detach() for k, v in loss_dict.items()})
         stacked = torch.stack([v.double() for v in values.values()]).tolist()
@@ -351,6 +388,8 @@ class Trainer:
                 bar.update(f"loss {values['loss']:.4f}")
                 if self.global_step % cfg.train.log_every == 0:
                     self._log_step(values, t0)
+                if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0:
+                    self._periodic_eval(t0)
                 if self.step_in_epoch == self.steps_per_epoch or self._finished_steps():
                     break
                 stop = distributed.all_reduce_max(self.stop.signum is not None, self.device)

@@ -55,17 +55,24 @@ class TrainingMethod(nn.Module):
         """Fail fast (before data and model are built) on bad external inputs. Default: none."""
 
     def build_model(self) -> nn.Module:
-        """The detector this method trains and evaluates (default: the config's detector)."""
-        from replic.models.build import build_model
+        """The detector this method trains and evaluates (default: the config's detector, built by
+        its model family: DETR or the torchvision CNN detectors)."""
+        from replic.models.families import family_of
 
-        return build_model(self.cfg.model)
+        return family_of(self.cfg.model).build_model(self.cfg.model)
 
     def setup(self, model: nn.Module, criterion: nn.Module, device: torch.device) -> None:
         """Load frozen teachers onto ``device`` and register extra loss terms on ``criterion``."""
 
     def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
                       targets: list[dict[str, Tensor]]) -> dict[str, Any]:
-        """One training forward; the outputs dict goes to the criterion (model contract keys)."""
+        """One training forward; the outputs dict goes to the criterion (model contract keys).
+
+        Detectors that compute their losses inside the forward (torchvision's) declare
+        ``takes_targets = True`` and get the targets too.
+        """
+        if getattr(model, "takes_targets", False):
+            return model(images, mask, targets)
         return model(images, mask)
 
     def provenance(self) -> dict[str, Any]:

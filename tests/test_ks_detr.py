@@ -252,3 +252,50 @@ def test_bad_ks_configs_are_refused_naming_the_key():
     out_of_range = types.SimpleNamespace(model=tiny_config(enc_layers=2), method={"name": "ks_detr", "encoder_layer": 2})
     with pytest.raises(ConfigError, match=r"method\.encoder_layer: 2 is out of range"):
         build_method(out_of_range)
+
+
+def test_ks_on_a_model_without_encoder_layers_fails_when_the_config_loads(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from replic.engine.config import load_experiment
+
+    experiment = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "ks_cdetr_r50_50ep.yaml"
+    with pytest.raises(ConfigError, match=r"method\.encoder_layer.*model\.enc_layers is 0"):
+        load_experiment(experiment, "paper", overrides={"model": {"enc_layers": 0}})
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "replic", "train", "--config", str(experiment), "--out", str(out),
+                             "--set", "method.masking_loc=XQ", "--no-progress"], capture_output=True, text=True)
+    assert result.returncode == 2 and "method.masking_loc" in result.stderr and "'XQ'" in result.stderr
+    assert not out.exists()  # refused before the run directory is made
+
+
+def test_every_ks_experiment_has_the_detrex_protocol_and_a_baseline_that_differs_only_in_the_method():
+    from pathlib import Path
+
+    from replic.config import to_dict
+    from replic.engine.config import load_experiment
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+    missing = {"data": {"root": "/nonexistent/replic-data"}}
+    paths = sorted(folder.glob("ks_*.yaml"))
+    assert len(paths) == 19
+    for path in paths:
+        cfg = load_experiment(path, "paper", missing)
+        assert cfg.model.postprocess_topk == 300 and cfg.train.weight_decay_norm == 0.0, path.stem
+        assert (cfg.train.epochs, cfg.train.lr_drop) in ((50, 40), (12, 11)), path.stem
+        assert cfg.model.pretrained_backbone == "torchvision" and cfg.train.clip_max_norm == 0.1
+        if path.stem.endswith("_base"):
+            assert cfg.method == {"name": "none"}
+            continue
+        assert cfg.method["name"] == "ks_detr"
+        base_name = None
+        for candidate in (path.stem + "_base", "_".join(path.stem.split("_")[:4]) + "_base"):
+            if (folder / f"{candidate}.yaml").is_file():
+                base_name = candidate
+                break
+        assert base_name, f"{path.stem} has no baseline config"
+        ks, base = to_dict(cfg), to_dict(load_experiment(folder / f"{base_name}.yaml", "paper", missing))
+        differ = {k for k in ks if ks[k] != base[k]}
+        assert differ <= {"method", "name", "description"}, (path.stem, differ)

@@ -170,7 +170,8 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         """Cross-section checks."""
-        parse_method_options(self.method)
+        method_cls, method_options = parse_method_options(self.method)
+        method_cls.check_config(self, method_options)
         if self.train.feature_cache:
             from replic.engine.feature_cache import check_cacheable
 

@@ -51,6 +51,11 @@ class TrainingMethod(nn.Module):
         self._frozen: dict[str, nn.Module] = {}
 
     # ------------------------------------------------------------------ hooks
+    @classmethod
+    def check_config(cls, cfg: Any, options: Any) -> None:
+        """Cross-section checks of the whole experiment ``cfg`` (e.g. the model has the layer this
+        method swaps), run when the config is loaded; raise ``ConfigError`` naming the key. Default: none."""
+
     def check_inputs(self) -> None:
         """Fail fast (before data and model are built) on bad external inputs. Default: none."""
 

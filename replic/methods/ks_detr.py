@@ -360,6 +360,11 @@ class KSDetr(TrainingMethod):
 
     def __init__(self, cfg: Any, options: KSOptions) -> None:
         super().__init__(cfg, options)
+        self.check_config(cfg, options)
+
+    @classmethod
+    def check_config(cls, cfg: Any, options: KSOptions) -> None:
+        """The model must have the encoder layer to replace (checked when the config loads)."""
         enc_layers = cfg.model.enc_layers
         if enc_layers < 1:
             raise ConfigError(f"method.encoder_layer: KS-DETR replaces an encoder layer, but model.enc_layers is "

@@ -71,11 +71,15 @@ def test_student_trains_from_a_sibling_teacher_run_and_evaluates_as_a_plain_dete
     assert "AP" in json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
 
 
-def test_missing_teacher_exits_2_before_training(tmp_path, data):
-    # (A teacher of another class count / hidden size: tests/test_d3etr.py, same check_inputs path.)
-    missing = run(train_command(tmp_path / "a", data, ["method.name=d3etr",
-                                                       f"method.teacher.checkpoint={tmp_path / 'nope.pt'}"]))
-    assert missing.returncode == 2 and "teacher checkpoint not found" in missing.stderr and "nope.pt" in missing.stderr
+def test_missing_teacher_exits_2_before_training(tmp_path, data, capsys):
+    # In process (the CLI's own main), so the check costs no interpreter start. (A teacher of
+    # another class count / hidden size: tests/test_d3etr.py, the same check_inputs path.)
+    from replic.cli import main
+
+    argv = train_command(tmp_path / "a", data, ["method.name=d3etr", f"method.teacher.checkpoint={tmp_path / 'nope.pt'}"])
+    assert main(argv[3:]) == 2
+    err = capsys.readouterr().err
+    assert "teacher checkpoint not found" in err and "nope.pt" in err
     assert not (tmp_path / "a" / "checkpoints").exists()
 
 

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import subprocess
 from pathlib import Path
 
@@ -120,3 +121,78 @@ def test_attention_figures_through_slurm(slurm_workdir: Path) -> None:
     for folder in ("attention/detr_r50_50ep", "attention/cdetr_r50_50ep", "compare/cdetr_r50_50ep_vs_detr_r50_50ep"):
         pngs = list((figures / folder).glob("*.png"))
         assert pngs and all(p.stat().st_size > 0 for p in pngs), folder
+
+
+# ------------------------------------------------------------------ the production profile as typed
+# The README's command, run with the production profile `slurm/`. The one CI-specific setting:
+# job status from squeue (this cluster has no accounting database, so sacct cannot answer).
+CI_STATUS = "\nslurm-status-command: squeue\nslurm-init-seconds-before-status-checks: 2\n"
+
+
+def _default_partition() -> str:
+    result = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+    return next(p.rstrip("*") for p in result.stdout.split() if p.endswith("*"))
+
+
+def _sbatch_calls(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "sbatch call:" in line]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("variables", [
+    pytest.param({}, id="unset"),
+    pytest.param({"REPLIC_SLURM_PARTITION": "debug", "REPLIC_SLURM_ACCOUNT": "ci_account"}, id="set"),
+])
+def test_production_profile_as_the_readme_types_it(slurm_workdir: Path, tmp_path: Path, variables: dict) -> None:
+    """`snakemake --cores all --profile slurm <target>`: unset variables = cluster defaults (no -p/-A),
+    set ones reach sbatch; the job gets the CPUs its rule asks for, not the cap of --cores."""
+    workdir = copy_workflow(tmp_path / "wf")
+    with (workdir / "slurm" / "config.yaml").open("a") as handle:
+        handle.write(CI_STATUS)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SNAKEMAKE_PROFILE", "REPLIC_SLURM_PARTITION", "REPLIC_SLURM_ACCOUNT")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(variables)
+    if "REPLIC_SLURM_ACCOUNT" in variables:
+        # No accounting database here: the plugin's account check (sacctmgr) gets a stand-in that
+        # lists the account, as a real cluster's sacctmgr lists the user's accounts.
+        shim = tmp_path / "bin"
+        shim.mkdir()
+        (shim / "sacctmgr").write_text(f"#!/bin/sh\necho {variables['REPLIC_SLURM_ACCOUNT']}\n")
+        (shim / "sacctmgr").chmod(0o755)
+        env["PATH"] = f"{shim}{os.pathsep}{env['PATH']}"
+    target = "data/tiny/annotations/instances_val2017.json"
+    result = subprocess.run(
+        ["timeout", "-k", "30", "300", str(Path(sys.executable).with_name("snakemake")),
+         "--cores", "all", "--profile", "slurm", "--verbose", target],
+        cwd=workdir, env=env, capture_output=True, text=True,
+    )
+    _unlock_after(result, workdir)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    calls = _sbatch_calls(output)
+    assert calls, output[-4000:]
+    for call in calls:
+        assert "$REPLIC" not in call, call
+        if variables:
+            assert " -p debug" in call and " -A ci_account" in call, call
+        else:  # no -A; -p only as the plugin's own pick of the cluster's default partition
+            assert " -A " not in call, call
+            assert " -p " not in call or f" -p {_default_partition()} " in call, call
+    assert (workdir / target).is_file()
+
+
+def test_cores_all_does_not_shrink_what_a_paper_job_asks_sbatch_for(tmp_path: Path) -> None:
+    """Dry run of the README's paper command on this (small) host: threads are capped by
+    --cores all, but the CPUs given to sbatch (cpus_per_gpu / cpus_per_task) are the registry's."""
+    workdir = copy_workflow(tmp_path / "wf")
+    coco = tmp_path / "coco"
+    for sub in ("annotations", "train2017", "val2017"):
+        (coco / sub).mkdir(parents=True)
+    result = snakemake(workdir, "runs/paper/cdetr_r50_50ep/eval/metrics.json", "-n", "--cores", "all",
+                       "--profile", "slurm", "--config", "scale=paper", f"coco_root={coco}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "cpus_per_gpu=4" in output and "gpu=8" in output  # train: 32 threads over 8 GPUs
+    assert "cpus_per_gpu=8" in output  # eval: 8 threads, 1 GPU
+    assert "slurm_partition=," in output or "slurm_partition=\n" in output  # unset: no -p

@@ -12,6 +12,13 @@ RUNS = config["runs_dir"]
 TINY = config["tiny_data"]["dir"]
 TINY_TRAIN_ANN = f"{TINY}/annotations/instances_train2017.json"
 TINY_VAL_ANN = f"{TINY}/annotations/instances_val2017.json"
+MINI = config["mini_data"]["dir"]
+MINI_TRAIN_ANN = f"{MINI}/annotations/instances_train2017.json"
+MINI_VAL_ANN = f"{MINI}/annotations/instances_val2017.json"
+# The mini scale's dense-pretrained frozen backbone (job pretrain_backbone) and the shared
+# frozen-feature cache directory of its runs (train.feature_cache).
+MINI_BACKBONE = f"{RUNS}/mini/backbone/resnet18_dense.pt"
+MINI_FEATURE_CACHE = f"{RUNS}/mini/feature_cache"
 ENV = "../../envs/replic.yaml"
 
 try:
@@ -25,7 +32,7 @@ FAIL_EXPERIMENTS = set(config.get("fail_experiments", []))
 
 
 wildcard_constraints:
-    scale="smoke|paper",
+    scale="smoke|mini|paper",
     experiment="[a-z0-9][a-z0-9_]*",
     table="|".join(REGISTRY.tables),
 
@@ -34,6 +41,8 @@ def data_root(scale):
     """Where the COCO-layout data of a scale lives."""
     if scale == "smoke":
         return TINY
+    if scale == "mini":
+        return MINI
     return config["coco_root"]
 
 
@@ -80,6 +89,21 @@ def job_resource(job, key):
     return get
 
 
+def cpus_per_task(job):
+    """cpus_per_task for Slurm: the registry's threads for CPU jobs (0 for GPU jobs: cpus_per_gpu).
+
+    Set explicitly, not left to `threads`: `--cores all` caps a rule's threads to the submitting
+    host's CPUs (and passes that cap into the job), but leaves resources alone, so sbatch and the
+    job step get what the registry asks for whatever --cores says.
+    """
+
+    def get(wildcards):
+        res = REGISTRY.resources(wildcards.experiment, wildcards.scale, job)
+        return 0 if res["gpu"] else res["threads"]
+
+    return get
+
+
 def cpus_per_gpu(job):
     """cpus_per_gpu for Slurm (0 = not set: CPU jobs ask --cpus-per-task=threads)."""
 
@@ -105,7 +129,24 @@ def data_inputs(wildcards):
     # Smoke data is produced by the workflow; COCO is the user's and is only checked.
     if wildcards.scale == "smoke":
         return [TINY_TRAIN_ANN, TINY_VAL_ANN]
+    if wildcards.scale == "mini":
+        return [MINI_TRAIN_ANN, MINI_VAL_ANN]
     return []
+
+
+def overlay_inputs(wildcards):
+    """What a scale's overlay depends on: the data stamp, and at mini the pretrained backbone."""
+    inputs = {"data": f"{RUNS}/{wildcards.scale}/data.json"}
+    if wildcards.scale == "mini":
+        inputs["backbone"] = MINI_BACKBONE
+    return inputs
+
+
+def overlay_extra_args(wildcards):
+    """Paths the mini overlay points its runs at (they follow runs_dir)."""
+    if wildcards.scale == "mini":
+        return f"--set model.pretrained_backbone={MINI_BACKBONE} --set train.feature_cache_dir={MINI_FEATURE_CACHE}"
+    return ""
 
 
 def fail_guard(wildcards):
@@ -120,6 +161,18 @@ def table_evaluations(wildcards):
         f"{RUNS}/{SCALE}/{experiment}/eval/metrics.json"
         for experiment in REGISTRY.experiments([wildcards.table])
     ]
+
+
+# The convergence figure (job convergence_figure): these two runs' periodic evaluations.
+CONVERGENCE_RUNS = {"DETR": "detr_r50_50ep", "Conditional DETR": "cdetr_r50_50ep"}
+
+
+def table_convergence(wildcards):
+    """At mini scale (periodic evaluation on), a table with both convergence runs also makes
+    the DETR-vs-Conditional-DETR convergence figure."""
+    if SCALE != "mini" or not set(CONVERGENCE_RUNS.values()) <= set(REGISTRY.experiments([wildcards.table])):
+        return []
+    return [f"results/figures/{SCALE}/convergence_detr_vs_cdetr.png"]
 
 
 # Attention figures (workflow/rules/figures.smk); defaults in config/config.yaml.

@@ -30,6 +30,7 @@ rule train:
     resources:
         gpu=job_resource("train", "gpu"),
         cpus_per_gpu=cpus_per_gpu("train"),
+        cpus_per_task=cpus_per_task("train"),
         mem_mb=job_resource("train", "mem_mb"),
         runtime=job_resource("train", "runtime"),
     conda:
@@ -38,6 +39,9 @@ rule train:
         "{params.fail}"
         # One torchrun process per GPU: each gets its share of the CPUs.
         "export OMP_NUM_THREADS={threads}; "
+        # In a Slurm job, the CPUs the registry asked for (threads may be capped by --cores).
+        "if [ -n \"${{SLURM_JOB_ID:-}}\" ] && [ {resources.cpus_per_task} -gt 0 ]; then"
+        " export OMP_NUM_THREADS={resources.cpus_per_task}; fi; "
         "if [ {resources.gpu} -gt 0 ] && [ {resources.cpus_per_gpu} -gt 0 ]; then"
         " export OMP_NUM_THREADS={resources.cpus_per_gpu}; fi; "
         "if [ {resources.gpu} -gt 1 ]; then"
@@ -66,11 +70,14 @@ rule evaluate:
     resources:
         gpu=job_resource("eval", "gpu"),
         cpus_per_gpu=cpus_per_gpu("eval"),
+        cpus_per_task=cpus_per_task("eval"),
         mem_mb=job_resource("eval", "mem_mb"),
         runtime=job_resource("eval", "runtime"),
     conda:
         ENV
     shell:
         "export OMP_NUM_THREADS={threads}; "
+        "if [ -n \"${{SLURM_JOB_ID:-}}\" ] && [ {resources.cpus_per_task} -gt 0 ]; then"
+        " export OMP_NUM_THREADS={resources.cpus_per_task}; fi; "
         "replic eval --config {input.config} --scale {input.overlay} --checkpoint {input.checkpoint}"
         " --out {params.out} > {log} 2>&1"

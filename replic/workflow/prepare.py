@@ -66,7 +66,23 @@ def check_coco(root: str | Path, out: str | Path) -> int:
     return 0
 
 
-def scale_overlay(scale: str, data_root: str, scales_dir: str | Path) -> dict[str, Any]:
+def dotted_settings(items: list[str]) -> dict[str, Any]:
+    """``["a.b=x"]`` -> ``{"a": {"b": "x"}}`` (values parsed as YAML scalars); ValueError naming a bad item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(text)
+    return out
+
+
+def scale_overlay(scale: str, data_root: str, scales_dir: str | Path,
+                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The overlay the workflow passes as ``--scale``: the named scale's file + the data root.
 
     Training is told not to evaluate at the end: the workflow evaluates in its own job
@@ -74,7 +90,9 @@ def scale_overlay(scale: str, data_root: str, scales_dir: str | Path) -> dict[st
     """
     base_path = Path(scales_dir) / f"{scale}.yaml"
     base = load_yaml(base_path) if base_path.is_file() else {}
-    return deep_merge(base, {"scale": scale, "data": {"root": data_root}, "train": {"eval_at_end": False}})
+    overlay = deep_merge(base, {"scale": scale, "data": {"root": data_root}, "train": {"eval_at_end": False}})
+    # Paths that follow the workflow's layout (mini: the pretrained backbone, the feature cache).
+    return deep_merge(overlay, settings or {})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     overlay.add_argument("--scale", required=True)
     overlay.add_argument("--data-root", required=True)
     overlay.add_argument("--scales-dir", required=True)
+    overlay.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="one more overlay key, e.g. model.pretrained_backbone=runs/mini/backbone/x.pt")
     overlay.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.step == "check-coco":
         return check_coco(args.root, args.out)
-    data = scale_overlay(args.scale, args.data_root, args.scales_dir)
+    data = scale_overlay(args.scale, args.data_root, args.scales_dir, dotted_settings(args.set))
     write_atomic(args.out, yaml.safe_dump(data, sort_keys=True))
     return 0
 

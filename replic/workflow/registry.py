@@ -21,7 +21,9 @@ MEASURED_METRICS: tuple[str, ...] = (
 )
 #: Numbers the paper reports that replic does not re-measure.
 PAPER_ONLY_METRICS: tuple[str, ...] = ("GFLOPs", "params_M")
-SCALES: tuple[str, ...] = ("smoke", "paper")
+SCALES: tuple[str, ...] = ("smoke", "mini", "paper")
+# Scales every registry must size; ``mini`` is optional (its tables then cannot run at mini).
+REQUIRED_SCALES: tuple[str, ...] = ("smoke", "paper")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
 
@@ -118,9 +120,10 @@ class Registry:
     def validate(self) -> None:
         if self.version != 1:
             raise ConfigError(f"version: only 1 is supported, got {self.version}")
-        missing = [s for s in SCALES if s not in self.compute]
+        missing = [s for s in REQUIRED_SCALES if s not in self.compute]
         if missing or set(self.compute) - set(SCALES):
-            raise ConfigError(f"compute: need exactly the scales {list(SCALES)}, got {sorted(self.compute)}")
+            raise ConfigError(f"compute: need the scales {list(REQUIRED_SCALES)} (and optionally "
+                              f"{sorted(set(SCALES) - set(REQUIRED_SCALES))}), got {sorted(self.compute)}")
         for name, table in self.tables.items():
             _validate_table(name, table)
 

@@ -21,6 +21,56 @@ rule synth_tiny_data:
         " --size {params.size} --seed {params.seed} > {log} 2>&1"
 
 
+rule synth_mini_data:
+    """Synthetic COCO-format data of the mini scale (sizes in config mini_data)."""
+    output:
+        train=MINI_TRAIN_ANN,
+        val=MINI_VAL_ANN,
+    params:
+        out=lambda wildcards, output: str(Path(output.train).parent.parent),
+        n_train=config["mini_data"]["train"],
+        n_val=config["mini_data"]["val"],
+        size=config["mini_data"]["size"],
+        seed=config["mini_data"]["seed"],
+    log:
+        f"{MINI}.synth.log",
+    conda:
+        ENV
+    shell:
+        "replic data synth --out {params.out} --train {params.n_train} --val {params.n_val}"
+        " --size {params.size} --seed {params.seed} > {log} 2>&1"
+
+
+rule pretrain_backbone:
+    """The mini scale's frozen ResNet-18: dense (CenterNet/FCOS-style) pretraining on the mini
+    train split, once; writes the weights and <weights>.provenance.json. One thread, deterministic."""
+    input:
+        train=MINI_TRAIN_ANN,
+        val=MINI_VAL_ANN,
+    output:
+        weights=MINI_BACKBONE,
+        provenance=f"{MINI_BACKBONE}.provenance.json",
+    params:
+        root=lambda wildcards, input: str(Path(input.train).parent.parent),
+        steps=config["mini_pretrain"]["steps"],
+        batch_size=config["mini_pretrain"]["batch_size"],
+        seed=config["mini_pretrain"]["seed"],
+    log:
+        f"{RUNS}/mini/logs/pretrain_backbone.log",
+    benchmark:
+        f"{RUNS}/mini/logs/pretrain_backbone.benchmark.tsv"
+    threads: 1
+    resources:
+        mem_mb=6000,
+        runtime=90,
+    conda:
+        ENV
+    shell:
+        "export OMP_NUM_THREADS=1; "
+        "replic pretrain-backbone --data {params.root} --out {output.weights} --steps {params.steps}"
+        " --batch-size {params.batch_size} --seed {params.seed} --threads 1 > {log} 2>&1"
+
+
 rule check_data:
     """Check the COCO directory layout of the scale's data root; fail with the list of what is missing."""
     input:
@@ -41,16 +91,17 @@ rule check_data:
 rule scale_overlay:
     """The --scale overlay of every run at this scale: configs/scales/<scale>.yaml + data root."""
     input:
-        data=f"{RUNS}/{{scale}}/data.json",
+        unpack(overlay_inputs),
     output:
         f"{RUNS}/{{scale}}/scale.yaml",
     params:
         root=lambda wildcards: data_root(wildcards.scale),
         scales_dir=config["scales_dir"],
+        extra=overlay_extra_args,
     log:
         f"{RUNS}/{{scale}}/logs/scale_overlay.log",
     conda:
         ENV
     shell:
         "python -m replic.workflow.prepare overlay --scale {wildcards.scale} --data-root {params.root}"
-        " --scales-dir {params.scales_dir} --out {output} > {log} 2>&1"
+        " --scales-dir {params.scales_dir} {params.extra} --out {output} > {log} 2>&1"

@@ -85,3 +85,30 @@ rule table_attention:
         from replic.viz.extremity import merge_summaries
 
         merge_summaries(list(input.summaries), list(params.runs), output[0])
+
+
+rule convergence_figure:
+    """DETR vs Conditional DETR: val AP against training steps from periodic evaluation (the
+    analogue of the paper's Figure 1; mini scale, where train.eval_every is set)."""
+    input:
+        detr=f"{RUNS}/{{scale}}/{CONVERGENCE_RUNS['DETR']}/done.json",
+        cdetr=f"{RUNS}/{{scale}}/{CONVERGENCE_RUNS['Conditional DETR']}/done.json",
+    output:
+        figure=report(
+            "results/figures/{scale}/convergence_detr_vs_cdetr.png",
+            caption="../report/figure_curves.rst",
+            category="Figures",
+            labels={"table": "convergence", "figure": "val AP vs step"},
+        ),
+        csv="results/figures/{scale}/convergence_detr_vs_cdetr.csv",
+    params:
+        runs=lambda wildcards: " ".join(f"--run '{label}={RUNS}/{wildcards.scale}/{name}'"
+                                        for label, name in CONVERGENCE_RUNS.items()),
+    log:
+        "results/logs/convergence_{scale}.log",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "python -m replic.viz.convergence {params.runs} --out {output.figure}"
+        " --title 'DETR vs Conditional DETR, {wildcards.scale} scale' > {log} 2>&1"

@@ -6,6 +6,7 @@ rule table:
     input:
         evaluations=table_evaluations,
         registry=config["registry"],
+        convergence=table_convergence,
     output:
         csv=report(
             "results/table_{table}.csv",

@@ -51,5 +51,9 @@ rule all:
     input:
         [table_outputs(name) for name in PAPER_TABLES],
         [f"results/figures/table_{name}_extremity.csv" for name in PAPER_TABLES],
-        [f"results/figures/table_{name}_ks_attention.csv" for name in PAPER_TABLES if ks_experiments(name)],
+        [
+            f"results/figures/table_{name}_ks_attention.csv"
+            for name in PAPER_TABLES
+            if experiments_with_method(REGISTRY.experiments([name]), config["experiments_dir"], "ks_detr")
+        ],
     default_target: True

@@ -5,17 +5,7 @@
 #
 #   snakemake --cores all results/figures/table_ks_detr_ks_attention.csv
 
-from replic.engine.config import load_with_extends
-
-
-def ks_experiments(table):
-    """The experiments of ``table`` trained with method ks_detr (read from their configs)."""
-    names = []
-    for experiment in REGISTRY.experiments([table]):
-        path = Path(config["experiments_dir"]) / f"{experiment}.yaml"
-        if path.is_file() and (load_with_extends(path).get("method") or {}).get("name") == "ks_detr":
-            names.append(experiment)
-    return names
+from replic.workflow.methods import experiments_with_method
 
 
 rule ks_attention_figure:
@@ -38,7 +28,10 @@ rule ks_attention_figure:
 rule ks_attention_table:
     """Every KS run of a table: the figures, and their attention-mass summaries in one CSV."""
     input:
-        lambda wildcards: [f"results/figures/{SCALE}/ks_attention/{e}.json" for e in ks_experiments(wildcards.table)],
+        lambda wildcards: [
+            f"results/figures/{SCALE}/ks_attention/{e}.json"
+            for e in experiments_with_method(REGISTRY.experiments([wildcards.table]), config["experiments_dir"], "ks_detr")
+        ],
     output:
         "results/figures/table_{table}_ks_attention.csv",
     log:

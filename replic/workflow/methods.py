@@ -1,0 +1,38 @@
+"""Which experiments train with which method — read from their YAML, without importing torch.
+
+The Snakefile imports this while it builds the DAG (e.g. KS-DETR's attention figures exist only for
+runs with ``method.name: ks_detr``); ``replic.engine.config`` would pull in torch for every
+snakemake call, so the ``extends:`` chain is followed here with the plain YAML loader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from replic.config import load_yaml
+
+EXTENDS_KEYS = ("extends", "base")  # as replic.engine.config.EXTENDS_KEYS
+
+
+def method_name(config_path: str | Path) -> str:
+    """``method.name`` of an experiment YAML after its ``extends:`` chain ("none" if unset)."""
+    path = Path(config_path)
+    seen: set[Path] = set()
+    while path not in seen:
+        seen.add(path)
+        raw: dict[str, Any] = load_yaml(path)
+        method = raw.get("method")
+        if isinstance(method, dict) and "name" in method:
+            return str(method["name"])
+        parent = next((raw[k] for k in EXTENDS_KEYS if k in raw), None)
+        if parent is None:
+            return "none"
+        path = (path.parent / parent).resolve()
+    raise ValueError(f"{config_path}: circular extends chain")
+
+
+def experiments_with_method(experiments: list[str], experiments_dir: str | Path, name: str) -> list[str]:
+    """The experiments among ``experiments`` whose config selects method ``name`` (missing files skipped)."""
+    folder = Path(experiments_dir)
+    return [e for e in experiments if (folder / f"{e}.yaml").is_file() and method_name(folder / f"{e}.yaml") == name]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -56,8 +57,12 @@ def build_torchvision_detector(cfg: CnnModelConfig) -> nn.Module:
     defaults differ: FCOS keeps score > 0.2, RetinaNet up to 300 detections)."""
     backbone = build_backbone(cfg)
     if cfg.arch == "faster_rcnn":
+        # torchvision's default box head and predictor, with the width as a key.
+        resolution = 7  # MultiScaleRoIAlign output (mmdet RoIAlign 7x7)
         return FasterRCNN(
-            backbone, num_classes=cfg.num_classes,
+            backbone, num_classes=None,
+            box_head=TwoMLPHead(cfg.fpn_channels * resolution**2, cfg.roi_head_dim),
+            box_predictor=FastRCNNPredictor(cfg.roi_head_dim, cfg.num_classes),
             rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
             rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
             rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,

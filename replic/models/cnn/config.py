@@ -49,6 +49,7 @@ class CnnModelConfig:
             0.05, NMS 0.5 (``null`` = per arch: FCOS 0.6), 100 per image).
         rpn_*: Faster R-CNN proposal counts (mmdet 2.x: 2000 per level before NMS and 1000 kept in
             training; 1000 / 1000 at test).
+        roi_head_dim: Faster R-CNN box head width (two shared FCs; mmdet ``fc_out_channels`` 1024).
         topk_candidates: RetinaNet / FCOS candidates per level before NMS (mmdet ``nms_pre``).
         size_divisible: pad the batch to a multiple of this (mmdet ``Pad(size_divisor=32)``).
     """
@@ -67,6 +68,7 @@ class CnnModelConfig:
     rpn_post_nms_top_n_train: int = 1000
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
+    roi_head_dim: int = 1024
     topk_candidates: int = 1000
     size_divisible: int = 32
 
@@ -86,7 +88,7 @@ class CnnModelConfig:
             raise ConfigError(f"trainable_layers: must be in 0..5, got {self.trainable_layers}")
         for name in ("fpn_channels", "num_classes", "detections_per_img", "rpn_pre_nms_top_n_train",
                      "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
-                     "topk_candidates", "size_divisible"):
+                     "roi_head_dim", "topk_candidates", "size_divisible"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.arch == "fcos" and self.fpn_channels % 32:

@@ -23,6 +23,7 @@ mini scale). What the engine promises still holds:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 from pathlib import Path
@@ -158,11 +159,17 @@ def load_or_build(cfg: Any, dataset: Any, backbone: torch.nn.Module, device: tor
     path = directory / f"{key}.pt"
     built = False
     if is_main and not path.is_file():
-        log.info("feature cache: computing the backbone maps of %d images x 2 flips -> %s", len(dataset), path)
-        cache = compute_cache(cfg, backbone, device, progress=progress)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({"key": key, "inputs": inputs, **cache}, path)
-        built = True
+        # Runs started together (workflow jobs) share one cache: the first builds it under an
+        # exclusive lock, the others wait for it instead of computing it again.
+        with open(directory / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                log.info("feature cache: computing the backbone maps of %d images x 2 flips -> %s",
+                         len(dataset), path)
+                cache = compute_cache(cfg, backbone, device, progress=progress)
+                atomic_torch_save({"key": key, "inputs": inputs, **cache}, path)
+                built = True
     distributed.barrier()
     data = load_torch_weights_only(path)
     if not isinstance(data, dict) or data.get("key") != key:

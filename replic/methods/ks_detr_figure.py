@@ -1,6 +1,6 @@
 """What KS-DETR's teachers "see": GT mask on the token grid and student vs teacher encoder attention.
 
-For one val image (the ``--image``-th with at least one GT box) of a KS run, the figure shows
+For one val image (the ``--image``-th whose GT mask has foreground tokens on the grid) of a KS run, the figure shows
 the GT foreground mask on the feature grid (as the KS layer gets it), then, for a few
 foreground and background query tokens, the head-averaged attention of the KS layer: the
 student's map A, teacher 1's own map A_t (share-V branch: GT-modified queries and keys),
@@ -36,19 +36,15 @@ def _ks_layer(model: torch.nn.Module) -> KSEncoderLayer:
     return layers[0]
 
 
-def _val_item(data_cfg: Any, index: int) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The ``index``-th val image that has at least one GT box (val transforms applied)."""
+def _val_items(data_cfg: Any):
+    """Val images (val transforms applied) with at least one GT box, in dataset order."""
     from replic.data import build_dataset
 
     dataset = build_dataset(data_cfg, "val")
-    seen = 0
     for i in range(len(dataset)):
         image, target = dataset[i]
         if len(target["boxes"]):
-            if seen == index:
-                return image, target
-            seen += 1
-    raise ValueError(f"--image {index}: the val split has only {seen} images with boxes")
+            yield image, target
 
 
 def _pick(indices: torch.Tensor, count: int) -> list[int]:
@@ -174,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replic.methods.ks_detr_figure", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a KS-DETR run's checkpoint_final.pt")
     parser.add_argument("--out", required=True, help="PNG to write; the summary goes to the same name .json")
-    parser.add_argument("--image", type=int, default=0, help="which val image with boxes (0 = the first)")
+    parser.add_argument("--image", type=int, default=0,
+                        help="which val image with foreground tokens on the grid (0 = the first)")
     parser.add_argument("--tokens", type=int, default=2, help="foreground and background tokens shown, each")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -184,16 +181,26 @@ def main(argv: list[str] | None = None) -> int:
         _, options = parse_method_options(raw.get("method") or {"name": "none"})
         if viz.data_config is None:
             raise ConfigError(f"{args.checkpoint}: no data config in the run; cannot pick a val image")
-        image, target = _val_item(viz.data_config, args.image)
-        summary = attention_summary(viz.model, image, target, options, args.tokens)
+        # Small boxes can fall between the grid's sample points and vanish from the mask (official
+        # behaviour at pad_fg_pixel 0): show the --image-th val image with foreground on the grid.
+        seen, summary = 0, None
+        for image, target in _val_items(viz.data_config):
+            candidate = attention_summary(viz.model, image, target, options, args.tokens)
+            if candidate["fg"].sum() > 0:
+                if seen == args.image:
+                    summary = candidate
+                    break
+                seen += 1
+        if summary is None:
+            raise ValueError(f"--image {args.image}: only {seen} val images have foreground tokens on the grid")
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    fig = plot(summary, f"{viz.name}: KS layer attention (image id {int(target['image_id'])})")
+    fig = plot(summary, f"{viz.name}: KS layer attention (image id {int(summary['target']['image_id'])})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, figure_png_bytes(fig))
-    record = {"run": viz.name, "image_id": int(target["image_id"]), "grid": list(summary["size"]),
+    record = {"run": viz.name, "image_id": int(summary["target"]["image_id"]), "grid": list(summary["size"]),
               "fg_tokens": int(summary["fg"].sum()), "tokens": summary["tokens"],
               "attention_mass_on_fg": summary["stats"]}
     atomic_write_bytes(out.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())

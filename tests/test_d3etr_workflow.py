@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,30 @@ def test_smoke_run_of_both_d3etr_tables(tmp_path):
         assert method["name"] == "d3etr" and method["teacher"]["sha256"] == sha, student
     config = yaml.safe_load((runs / "cdetr_r101_50ep" / "config.yaml").read_text())
     assert config["model"]["backbone"] == "resnet34" and config["train"]["max_steps"] == 8
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(900)
+def test_teacher_and_student_through_slurm(tmp_path):
+    """One D³ETR student and its teacher, each trained in its own sbatch job (shortened smoke)."""
+    from test_workflow_slurm import _slurm_up
+
+    if not _slurm_up():
+        if os.environ.get("REPLIC_TEST_SLURM") == "1":
+            pytest.fail("REPLIC_TEST_SLURM=1 but no Slurm controller answers sinfo (run .ci/slurm/start.sh)")
+        pytest.skip("no Slurm controller (start one with .ci/slurm/start.sh, as root)")
+    workdir = copy_workflow(tmp_path / "wf")
+    target = "runs/smoke/d3etr_cdetr_r50_12ep_pred/done.json"
+    result = snakemake(workdir, target, "--profile", "profiles/slurm-ci", "--config", shortened_smoke(workdir, 4),
+                       timeout=800)
+    if result.returncode in (124, 137):
+        snakemake(workdir, "--unlock")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert output.count("has been submitted with SLURM jobid") == 3  # synth data, teacher, student
+    runs = workdir / "runs" / "smoke"
+    student = json.loads((runs / "d3etr_cdetr_r50_12ep_pred" / "provenance.json").read_text())
+    teacher = json.loads((runs / "cdetr_r101_50ep" / "provenance.json").read_text())
+    assert "SLURM_JOB_ID" in json.dumps(student) and "SLURM_JOB_ID" in json.dumps(teacher)
+    sha = hashlib.sha256((runs / "cdetr_r101_50ep" / "checkpoint_final.pt").read_bytes()).hexdigest()
+    assert student["method"]["teacher"]["sha256"] == sha

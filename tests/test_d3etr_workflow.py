@@ -95,6 +95,13 @@ def test_teacher_is_stronger_than_its_student_at_smoke_scale_only(tmp_path):
     assert teacher["train"]["epochs"] > 2 * student["train"]["epochs"]
     for key in ("hidden_dim", "nheads", "dec_layers", "num_queries"):  # what fixed matching needs equal
         assert teacher["model"][key] == student["model"][key], key
+    # Mini: the shared frozen backbone (cached maps), a deeper encoder and twice the schedule.
+    teacher, student = resolve_raw(exp / "cdetr_r101_50ep.yaml", "mini"), resolve_raw(exp / "d3etr_cdetr_r50_12ep.yaml", "mini")
+    assert teacher["model"]["backbone"] == student["model"]["backbone"]
+    assert teacher["model"]["enc_layers"] > student["model"]["enc_layers"]
+    assert teacher["train"]["epochs"] == 2 * resolve_raw(exp / "d3etr_cdetr_r50_50ep.yaml", "mini")["train"]["epochs"]
+    for key in ("hidden_dim", "nheads", "dec_layers", "num_queries"):
+        assert teacher["model"][key] == student["model"][key], key
     paper = resolve_raw(exp / "cdetr_r101_50ep.yaml", "paper")
     assert paper["model"]["backbone"] == "resnet101" and paper["train"]["epochs"] == 50
     assert "scale_overrides" not in teacher

@@ -46,7 +46,7 @@ class TeacherCheckpoint:
     """A read teacher checkpoint: architecture, weights and where they came from."""
 
     path: Path
-    model_config: ModelConfig
+    model_config: Any  # ModelConfig (DETR) or CnnModelConfig
     state: dict[str, torch.Tensor]
     sha256: str
     experiment: str | None = None  # the config name recorded in a replic training checkpoint
@@ -92,7 +92,8 @@ def read_teacher(path: str | Path, expect_experiment: str | None = None) -> Teac
         raise TeacherError(f"{path}: teacher checkpoint has no 'model_config' (write it with replic train or "
                            "replic convert)")
     try:
-        model_config = from_dict(ModelConfig, raw_cfg, prefix="model_config")
+        # The schema of the teacher's family (a CNN teacher: model_config.family == "cnn").
+        model_config = from_dict(_model_schema(raw_cfg), raw_cfg, prefix="model_config")
     except ConfigError as err:
         raise TeacherError(f"{path}: teacher model_config is invalid: {err}") from err
     recorded = data.get("config", {}).get("name") if isinstance(data.get("config"), dict) else None
@@ -102,6 +103,15 @@ def read_teacher(path: str | Path, expect_experiment: str | None = None) -> Teac
     return TeacherCheckpoint(path=path, model_config=model_config,
                              state=model_state_from_checkpoint(data, path), sha256=file_sha256(path),
                              experiment=recorded)
+
+
+def _model_schema(raw_cfg: dict[str, Any]) -> type:
+    """The model-config dataclass of a checkpoint's ``model_config`` (DETR unless ``family`` says)."""
+    if raw_cfg.get("family", "detr") == "cnn":
+        from replic.models.cnn.config import CnnModelConfig
+
+        return CnnModelConfig
+    return ModelConfig
 
 
 def check_teacher_fits(teacher: ModelConfig, student: ModelConfig, path: str | Path, *,
@@ -124,11 +134,11 @@ def check_teacher_fits(teacher: ModelConfig, student: ModelConfig, path: str | P
 
 def build_teacher(checkpoint: TeacherCheckpoint, device: torch.device) -> nn.Module:
     """The teacher detector with its weights, on ``device``, in eval mode (never downloads)."""
-    from replic.models.build import build_model
+    from replic.models.families import family_of
 
     # The weights come from the checkpoint: never fetch ImageNet weights for the backbone.
     cfg = dataclasses.replace(checkpoint.model_config, pretrained_backbone="none")
-    model = build_model(cfg)
+    model = family_of(cfg).build_model(cfg)
     try:
         model.load_state_dict(checkpoint.state, strict=True)
     except RuntimeError as err:
@@ -139,6 +149,11 @@ def build_teacher(checkpoint: TeacherCheckpoint, device: torch.device) -> nn.Mod
 
 def teacher_facts(checkpoint: TeacherCheckpoint) -> dict[str, Any]:
     """What the run's provenance records about its teacher."""
+    if getattr(checkpoint.model_config, "family", "detr") == "cnn":
+        cnn = checkpoint.model_config
+        return {"path": str(checkpoint.path), "sha256": checkpoint.sha256, "experiment": checkpoint.experiment,
+                "family": "cnn", "arch": cnn.arch, "backbone": cnn.backbone, "fpn_channels": cnn.fpn_channels,
+                "num_classes": cnn.num_classes}
     cfg = checkpoint.model_config.resolved()
     return {"path": str(checkpoint.path), "sha256": checkpoint.sha256, "experiment": checkpoint.experiment,
             "backbone": cfg.backbone, "hidden_dim": cfg.hidden_dim, "dec_layers": cfg.dec_layers,

@@ -81,10 +81,14 @@ class TrainConfig:
     # --- keys added for the CNN family (mmdet recipe); left out of the resolved config while at
     # their default, so the DETR configs keep their hash. See replic/engine/optim.py.
     # adamw (DETR: lr / lr_backbone groups) | sgd (mmdet: momentum, same groups).
-    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata=ADDED_KEY)
+    # adam: torch Adam with L2 weight decay (mmcv's Adam; MasKD's token learning).
+    optimizer: Literal["adamw", "sgd", "adam"] = field(default="adamw", metadata=ADDED_KEY)
     momentum: float = field(default=0.9, metadata=ADDED_KEY)
     # step: StepLR(lr_drop, lr_gamma) per epoch (DETR) | multistep: x lr_gamma at each epoch in lr_steps (mmdet).
-    lr_schedule: Literal["step", "multistep"] = field(default="step", metadata=ADDED_KEY)
+    # cosine: per optimizer step from lr to min_lr over max_steps (mmcv CosineAnnealing by iteration;
+    # MasKD's token learning); needs max_steps.
+    lr_schedule: Literal["step", "multistep", "cosine"] = field(default="step", metadata=ADDED_KEY)
+    min_lr: float = field(default=0.0, metadata=ADDED_KEY)
     lr_steps: list[int] = field(default_factory=list, metadata=ADDED_KEY)
     # mmdet 'linear' warm-up over the first warmup_iters optimizer steps, from warmup_ratio x lr
     # (multistep only; 0 = none).
@@ -102,6 +106,7 @@ class TrainConfig:
             if self.lr_steps[0] <= 0:
                 raise ConfigError(f"lr_steps: epochs must be positive, got {self.lr_steps}")
         elif self.lr_steps or self.warmup_iters:
+            # (cosine included: its only parameters are max_steps and min_lr)
             raise ConfigError("lr_steps / warmup_iters: only used with lr_schedule: multistep")
         if self.warmup_iters < 0 or not 0.0 < self.warmup_ratio <= 1.0:
             raise ConfigError(f"warmup: need warmup_iters >= 0 and 0 < warmup_ratio <= 1, got "
@@ -117,6 +122,10 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.weight_decay_norm is not None and self.weight_decay_norm < 0:
             raise ConfigError(f"weight_decay_norm: must be >= 0, got {self.weight_decay_norm}")
+        if self.lr_schedule == "cosine" and self.max_steps is None:
+            raise ConfigError("max_steps: lr_schedule cosine anneals over max_steps; set it")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr: must be in [0, lr], got {self.min_lr}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"max_steps: must be positive, got {self.max_steps}")
         if self.checkpoint_every < 0:

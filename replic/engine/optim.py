@@ -13,6 +13,7 @@ every optimizer step; both schedulers keep their position in ``state_dict`` (exa
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -88,6 +89,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = parameter_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -150,8 +153,53 @@ class WarmupMultiStepLR:
         self._apply()
 
 
+class CosineIterLR:
+    """Cosine annealing per optimizer step (mmcv ``CosineAnnealing`` with ``by_epoch=False``).
+
+    Step i of ``total`` runs at ``min_lr + (base − min_lr) · (1 + cos(π i / total)) / 2``;
+    the epoch-end :meth:`step` changes nothing.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total: int, min_lr: float) -> None:
+        self.optimizer = optimizer
+        self.total = total
+        self.min_lr = min_lr
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.iteration = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        progress = min(self.iteration, self.total) / self.total
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = self.min_lr + (base - self.min_lr) * factor
+
+    def step_iteration(self) -> None:
+        """One optimizer step done: set the lr of the next."""
+        self.iteration += 1
+        self._apply()
+
+    def step(self) -> None:
+        """Epoch end: nothing (the schedule counts optimizer steps)."""
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "total": self.total, "min_lr": self.min_lr,
+                "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+        self.base_lrs = list(state["base_lrs"])
+        self._apply()
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
-    """StepLR(lr_drop, gamma) per epoch (``step``) or :class:`WarmupMultiStepLR` (``multistep``)."""
+    """StepLR(lr_drop, gamma) per epoch (``step``), :class:`WarmupMultiStepLR` (``multistep``) or
+    :class:`CosineIterLR` over ``max_steps`` (``cosine``)."""
+    if cfg.lr_schedule == "cosine":
+        return CosineIterLR(optimizer, int(cfg.max_steps or 1), cfg.min_lr)
     if cfg.lr_schedule == "multistep":
         return WarmupMultiStepLR(optimizer, cfg.lr_steps, cfg.lr_gamma, cfg.warmup_iters, cfg.warmup_ratio)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=cfg.lr_gamma)

@@ -22,6 +22,8 @@ METHODS: dict[str, str] = {
     "none": "replic.methods.base:TrainingMethod",
     "ks_detr": "replic.methods.ks_detr:KSDetr",
     "d3etr": "replic.methods.d3etr:D3ETR",
+    "maskd_tokens": "replic.methods.maskd:MaskdTokens",
+    "maskd": "replic.methods.maskd:MasKD",
 }
 
 DEFAULT_METHOD: dict[str, Any] = {"name": "none"}

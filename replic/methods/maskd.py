@@ -1,0 +1,493 @@
+"""MasKD: Masked Distillation with Receptive Tokens (Huang et al., ICLR 2023, arXiv 2205.14589).
+
+Read next to shared/papers/maskd.md (§ numbers below) and docs/maskd.md. Two stages, two methods:
+
+* ``maskd_tokens`` (:class:`MaskdTokens`, stage 1, §1.3): **receptive tokens** are learned on a
+  frozen teacher. T tokens per FPN level give T masks ``M_t = sigmoid(token_t · x)`` per pixel
+  (§1.1); a forward hook replaces each level x of the teacher's FPN by ``Σ_t p_t (x ⊙ M_t)``, where
+  ``p = softmax_T(Conv1×1(GAP(Conv3×3(x))))`` is the mask weighting; the teacher's own task loss
+  on these masked features plus the Dice diversity loss between the token masks (§1.2) trains only
+  the tokens and the weighting convs. The run's checkpoint holds the tokens under ``method``
+  (keys ``tokens.mask_modules.<level>.…``, the official layout behind a prefix).
+* ``maskd`` (:class:`MasKD`, stage 2, §1.4): the student learns the teacher's features under the
+  teacher's masks. Per level, with S = Conv1×1(student feature) and T = teacher feature::
+
+      L = mean_N Σ_t p_t(T) · mean_C [ Σ_pixels (M_t ⊙ (S − T))² / Σ_pixels M_t ]
+
+  Tokens and teacher are frozen (the teacher runs under ``no_grad``); the align convs train. After
+  ``custom_mask_warmup`` steps the masks are multiplied by the (detached) masks of the student's
+  features ("student-customised masks"). The student's own task losses are added as usual.
+
+The tokens come from a stage-1 run of the DAG (``tokens: {experiment: …}``), a file
+(``tokens: {checkpoint: …}``: a replic token run or a released official ``.ckpt`` whose keys
+contain ``mask_modules``), or are random (``tokens: {random: true}``, the "no mask learning"
+ablation). Feature taps: ``position: fpn`` (the FPN outputs, the paper) or ``backbone`` (the
+ResNet stages feeding the FPN, an ablation). Only the CNN family has these taps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from replic.config import ConfigError
+from replic.distill import TeacherSpec, build_teacher, read_teacher, teacher_facts, teacher_path
+from replic.distill.teacher import TeacherCheckpoint, TeacherError, file_sha256
+from replic.methods.base import TrainingMethod
+
+Position = Literal["fpn", "backbone"]
+
+
+# --------------------------------------------------------------------------- the token module
+class ReceptiveTokens(nn.Module):
+    """T receptive tokens on one feature level (official ``MaskModule``; §1.1).
+
+    Parameters (official names, so released checkpoints load): ``mask_token`` (T, C), initialised
+    N(0, 0.01); with ``weighting``, ``prob`` = Conv3×3(C→C) → global average pool → Conv1×1(C→T),
+    He-normal (fan-out) weights and zero biases.
+    """
+
+    def __init__(self, channels: int, num_tokens: int, weighting: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.weighting = weighting
+        self.mask_token = nn.Parameter(torch.empty(num_tokens, channels).normal_(0.0, 0.01, generator=generator))
+        if weighting:
+            self.prob = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                                      nn.Conv2d(channels, num_tokens, 1))
+            for conv in (self.prob[0], self.prob[2]):
+                fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+                conv.weight.data.normal_(0.0, math.sqrt(2.0 / fan_out), generator=generator)
+                conv.bias.data.zero_()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.mask_token.shape[0]
+
+    def masks(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) features → (N, T, H, W) masks ``sigmoid(token_t · x[:, :, h, w])``."""
+        return torch.einsum("tc,nchw->nthw", self.mask_token, x).sigmoid()
+
+    def weights(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) → (N, T) token weights p, a softmax over the tokens (uniform without weighting)."""
+        if not self.weighting:
+            return x.new_full((x.shape[0], self.num_tokens), 1.0 / self.num_tokens)
+        return self.prob(x).flatten(1).softmax(dim=1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Stage 1: (masked features Σ_t p_t (x ⊙ M_t), masks). Without weighting: Σ_t x ⊙ M_t (official)."""
+        masks = self.masks(x)
+        if self.weighting:
+            coeff = masks * self.weights(x)[:, :, None, None]
+        else:
+            coeff = masks
+        return x * coeff.sum(dim=1, keepdim=True), masks
+
+
+class TokenBank(nn.Module):
+    """One :class:`ReceptiveTokens` per tapped level; ``mask_modules.<i>.…`` as the official state dict."""
+
+    def __init__(self, channels: list[int], num_tokens: int, weighting: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.mask_modules = nn.ModuleList(ReceptiveTokens(c, num_tokens, weighting, generator) for c in channels)
+
+
+def dice_diversity(masks: Tensor, eps: float = 1e-12) -> Tensor:
+    """Dice coefficient between every ordered pair (i ≠ j) of token masks, averaged (§1.2).
+
+    ``masks`` (N, T, H, W); d_ij = 2 Σ M_i M_j / (Σ M_i² + Σ M_j² + 2 eps), the mean over the batch and
+    the T(T−1) off-diagonal pairs. Minimising it makes the tokens look at different pixels. One
+    token has no pair: 0.
+    """
+    flat = masks.flatten(2)
+    num_tokens = flat.shape[1]
+    if num_tokens < 2:
+        return flat.sum() * 0.0
+    inter = flat @ flat.transpose(1, 2)  # (N, T, T): Σ M_i M_j
+    sq = (flat * flat).sum(-1) + eps  # (N, T)
+    dice = 2 * inter / (sq[:, :, None] + sq[:, None, :])
+    off = ~torch.eye(num_tokens, dtype=torch.bool, device=masks.device)
+    return dice[:, off].mean()
+
+
+def masked_distillation(student: Tensor, teacher: Tensor, masks: Tensor, weights: Tensor | None,
+                        eps: float = 1e-12) -> Tensor:
+    """One level of the MasKD loss (§1.4).
+
+    ``student`` / ``teacher`` (N, C, H, W) (student already aligned), ``masks`` (N, T, H, W),
+    ``weights`` (N, T) or None. Per (image, token, channel): Σ_pixels (M ⊙ (S − T))² / Σ_pixels M;
+    mean over channels, weighted sum over tokens, mean over images. Without weights: the mean over
+    images, tokens and channels (official ``weight_mask=False``). A mask with zero mass contributes
+    0 (its numerator is 0; the denominator is clamped at ``eps`` — the official code divides by 0).
+    """
+    diff = (masks[:, :, None] * (student - teacher)[:, None]) ** 2  # (N, T, C, H, W)
+    per = diff.sum((3, 4)) / masks.sum((2, 3)).clamp_min(eps)[:, :, None]  # (N, T, C)
+    if weights is None:
+        return per.mean()
+    return (per.mean(-1) * weights).sum(-1).mean()
+
+
+# --------------------------------------------------------------------------- feature taps
+def tap_module(detector: nn.Module, position: Position) -> nn.Module:
+    """The module whose output (a dict of maps by level) MasKD reads or replaces."""
+    neck = getattr(detector, "neck", None)
+    if neck is None:
+        raise ConfigError("method: MasKD needs a CNN detector (model.family: cnn) with an FPN neck")
+    return neck if position == "fpn" else neck.body
+
+
+def tap_features(detector: nn.Module, images: Tensor, mask: Tensor, position: Position) -> list[Tensor]:
+    """The tapped maps of ``detector`` for a replic batch (the same padded tensor the detector's
+    forward builds), without running its heads."""
+    from replic.models.cnn.detector import image_sizes_from_mask
+
+    sizes = image_sizes_from_mask(mask)
+    crops = [images[i, :, : int(h), : int(w)] for i, (h, w) in enumerate(sizes.tolist())]
+    batch, _ = detector.model.transform(crops)
+    return list(tap_module(detector, position)(batch.tensors).values())
+
+
+def probe_channels(detector: nn.Module, position: Position) -> list[int]:
+    """Channel count of each tapped level (one forward of a small zero image)."""
+    device = next(detector.parameters()).device
+    with torch.no_grad():
+        out = tap_module(detector, position)(torch.zeros(1, 3, 64, 64, device=device))
+    return [int(v.shape[1]) for v in out.values()]
+
+
+# --------------------------------------------------------------------------- token checkpoints
+class TokenError(ValueError):
+    """Token checkpoint unusable; the message names the file and the mismatch."""
+
+
+@dataclass
+class TokenSpec:
+    """Where the stage-2 tokens come from: exactly one of ``experiment`` (a ``maskd_tokens`` run of
+    the DAG), ``checkpoint`` (a file) or ``random: true`` (no mask learning, an ablation)."""
+
+    experiment: str | None = None
+    checkpoint: str | None = None
+    random: bool = False
+
+    def validate(self) -> None:
+        given = (self.experiment is not None) + (self.checkpoint is not None) + bool(self.random)
+        if given != 1:
+            raise ConfigError("give exactly one of 'experiment' (a maskd_tokens run), 'checkpoint' (a file) "
+                              "and 'random: true'")
+
+
+def token_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read the token weights of a file: every entry whose key contains ``mask_modules``, renamed
+    from there on (the official loader's rule), from a replic run checkpoint (``method``) or a
+    released mmcv checkpoint (``state_dict``). Returns (state, the file's replic config or {})."""
+    from replic.io import load_torch_weights_only
+
+    path = Path(path)
+    if not path.is_file():
+        raise TokenError(f"method.tokens: token checkpoint not found: {path}")
+    data = load_torch_weights_only(path, map_location="cpu")
+    source = None
+    if isinstance(data, dict):
+        for key in ("method", "state_dict", "model"):
+            if isinstance(data.get(key), dict) and any("mask_modules" in k for k in data[key]):
+                source = data[key]
+                break
+        if source is None and any(isinstance(k, str) and "mask_modules" in k for k in data):
+            source = data
+    if source is None:
+        raise TokenError(f"{path}: no receptive-token weights (no key containing 'mask_modules')")
+    state = {k[k.find("mask_modules"):]: v for k, v in source.items() if "mask_modules" in k}
+    config = data.get("config") if isinstance(data.get("config"), dict) else {}
+    return state, config
+
+
+def load_tokens(bank: TokenBank, state: dict[str, Tensor], path: str | Path) -> None:
+    """Load ``state`` into ``bank`` strictly; a different token count, level count, channel width or
+    weighting is a TokenError naming the file and both values."""
+    levels = sorted({int(k.split(".")[1]) for k in state})
+    want_levels = len(bank.mask_modules)
+    if len(levels) != want_levels:
+        raise TokenError(f"{path}: token checkpoint has {len(levels)} levels, the tapped features have {want_levels}")
+    tokens = state["mask_modules.0.mask_token"]
+    want = bank.mask_modules[0].mask_token
+    if tokens.shape[0] != want.shape[0]:
+        raise TokenError(f"{path}: token checkpoint has {tokens.shape[0]} tokens per level, but "
+                         f"method.num_tokens is {want.shape[0]}")
+    if tokens.shape[1] != want.shape[1]:
+        raise TokenError(f"{path}: token checkpoint has {tokens.shape[1]} channels, the teacher's features "
+                         f"have {want.shape[1]}")
+    has_prob = any(".prob." in k for k in state)
+    if has_prob != bank.mask_modules[0].weighting:
+        raise TokenError(f"{path}: token checkpoint {'has' if has_prob else 'has no'} mask-weighting module, "
+                         f"but method.weighting is {bank.mask_modules[0].weighting}")
+    bank.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- stage 1
+@dataclass
+class MaskdTokensOptions:
+    """The ``method`` section of a stage-1 (token learning) experiment; defaults as the official
+    detection configs (§1.3). The experiment's ``model`` section must be the teacher's architecture
+    (extend the teacher's experiment YAML); the optimizer is the experiment's ``train`` section
+    (Adam 0.01, wd 1e-3, cosine to 1e-6 over 2,000 steps in the official configs).
+
+    teacher: ``{experiment: NAME}`` (a DAG run) or ``{checkpoint: FILE}``; its weights are loaded
+        into the model and frozen.
+    num_tokens: T per level (6 in every detection config).
+    weighting: learn the mask-weighting module p (``weight_mask=True``); off = Σ_t x ⊙ M_t.
+    dice: add the Dice diversity loss (off = ablation); dice_weight: its weight (1, Eq. 10).
+    position: ``fpn`` (the neck outputs, the paper) | ``backbone`` (the ResNet stages, ablation).
+    """
+
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    num_tokens: int = 6
+    weighting: bool = True
+    dice: bool = True
+    dice_weight: float = 1.0
+    position: Position = "fpn"
+
+    def validate(self) -> None:
+        if self.num_tokens < 1:
+            raise ConfigError(f"num_tokens: must be >= 1, got {self.num_tokens}")
+        if self.dice_weight < 0:
+            raise ConfigError(f"dice_weight: must be >= 0, got {self.dice_weight}")
+
+
+def _check_cnn(cfg: Any) -> None:
+    if getattr(cfg.model, "family", "detr") != "cnn":
+        raise ConfigError("model.family: MasKD taps FPN / ResNet-stage features of a CNN detector "
+                          "(family: cnn); this experiment's model is a DETR")
+
+
+class MaskdTokens(TrainingMethod):
+    """Stage 1: learn receptive tokens on the frozen teacher (see the module docstring)."""
+
+    name = "maskd_tokens"
+    Options = MaskdTokensOptions
+
+    def __init__(self, cfg: Any, options: MaskdTokensOptions) -> None:
+        super().__init__(cfg, options)
+        self._teacher_ckpt: TeacherCheckpoint | None = None
+        self._dice: list[Tensor] = []
+
+    @classmethod
+    def check_config(cls, cfg: Any, options: MaskdTokensOptions) -> None:
+        _check_cnn(cfg)
+
+    def check_inputs(self) -> None:
+        """Read the teacher checkpoint (a missing or foreign file fails here, before any data)."""
+        spec = self.options.teacher
+        self._teacher_ckpt = read_teacher(teacher_path(spec, self.run_dir), spec.experiment)
+
+    def build_model(self) -> nn.Module:
+        """The experiment's detector with the teacher's weights, every parameter frozen."""
+        from replic.models.families import family_of
+
+        if self._teacher_ckpt is None:
+            self.check_inputs()
+        ckpt = self._teacher_ckpt
+        model = family_of(self.cfg.model).build_model(dataclasses.replace(self.cfg.model, pretrained_backbone="none"))
+        try:
+            model.load_state_dict(ckpt.state, strict=True)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise TeacherError(f"{ckpt.path}: the teacher's weights do not fit this experiment's model section "
+                               f"(extend the teacher's experiment YAML): {first}") from err
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model
+
+    def setup(self, model: nn.Module, criterion: nn.Module, device: torch.device) -> None:
+        """Tokens on every tapped level (trainable: the only parameters the optimizer gets), the
+        hook that masks the teacher's features, and the Dice term."""
+        o = self.options
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.tokens = TokenBank(probe_channels(model, o.position), o.num_tokens, o.weighting, generator).to(device)
+        tap_module(model, o.position).register_forward_hook(self._mask_hook)
+        if o.dice:
+            criterion.register_loss(self._dice_term, {"loss_maskd_dice": o.dice_weight})
+
+    def _mask_hook(self, module: nn.Module, inputs: Any, output: dict[str, Tensor]) -> dict[str, Tensor]:
+        masked = {}
+        for (key, x), tokens in zip(output.items(), self.tokens.mask_modules, strict=True):
+            masked[key], masks = tokens(x)
+            self._dice.append(dice_diversity(masks))
+        return type(output)(masked)
+
+    def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
+                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """The teacher's training forward (its task loss) on masked features; BN held in eval."""
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        self._dice.clear()
+        out = super().forward_train(model, images, mask, targets)
+        out["maskd_dice"] = torch.stack(self._dice).sum()  # Σ over levels (official hook)
+        self._dice.clear()
+        return out
+
+    @staticmethod
+    def _dice_term(outputs: dict[str, Any], targets: Any, context: Any) -> dict[str, Tensor]:
+        return {"loss_maskd_dice": outputs["maskd_dice"]}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"teacher": teacher_facts(self._teacher_ckpt) if self._teacher_ckpt else None,
+                "options": dataclasses.asdict(self.options)}
+
+
+# --------------------------------------------------------------------------- stage 2
+@dataclass
+class MasKDOptions:
+    """The ``method`` section of a MasKD student (stage 2; official ``MasKDLoss`` defaults, §1.4, §2.1).
+
+    teacher: ``{experiment: NAME}`` or ``{checkpoint: FILE}`` (a CNN detector with as many tapped
+        levels as the student).
+    tokens: ``{experiment: NAME}`` (a ``maskd_tokens`` run, trained first), ``{checkpoint: FILE}``
+        (such a run's checkpoint or a released official ``.ckpt``), or ``{random: true}`` (tokens drawn
+        N(0, 0.01) from the seed, no stage 1: the learned-vs-random ablation).
+    num_tokens: T per level; must equal the token checkpoint's (6 in every detection config).
+    weighting: weight tokens by p(teacher features) (``weight_mask``); off = plain mean over tokens.
+    loss_weight: 1 (Faster R-CNN), 7 (RetinaNet), 10 (FCOS, RepPoints) in the official configs.
+    custom_mask: multiply the teacher's masks by the student's (detached) after
+        ``custom_mask_warmup`` optimizer steps (official: 7330 / 7000 / 5000 for FRCNN / RetinaNet / FCOS).
+    position: ``fpn`` (paper) | ``backbone`` (ablation; the tokens must have been learned there too).
+    """
+
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    tokens: TokenSpec = field(default_factory=TokenSpec)
+    num_tokens: int = 6
+    weighting: bool = True
+    loss_weight: float = 1.0
+    custom_mask: bool = True
+    custom_mask_warmup: int = 7330
+    position: Position = "fpn"
+
+    def validate(self) -> None:
+        if self.num_tokens < 1:
+            raise ConfigError(f"num_tokens: must be >= 1, got {self.num_tokens}")
+        if self.loss_weight < 0:
+            raise ConfigError(f"loss_weight: must be >= 0, got {self.loss_weight}")
+        if self.custom_mask_warmup < 0:
+            raise ConfigError(f"custom_mask_warmup: must be >= 0, got {self.custom_mask_warmup}")
+
+
+class MasKD(TrainingMethod):
+    """Stage 2: masked feature distillation from a frozen teacher (see the module docstring)."""
+
+    name = "maskd"
+    Options = MasKDOptions
+
+    def __init__(self, cfg: Any, options: MasKDOptions) -> None:
+        super().__init__(cfg, options)
+        self._teacher_ckpt: TeacherCheckpoint | None = None
+        self._token_state: dict[str, Tensor] | None = None
+        self._token_facts: dict[str, Any] = {"random": True, "seed": cfg.seed} if options.tokens.random else {}
+        self._student_taps: list[dict[str, Tensor]] = []
+        # Optimizer steps seen (the custom-mask warm-up); in the state dict, so resume is exact.
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    @classmethod
+    def check_config(cls, cfg: Any, options: MasKDOptions) -> None:
+        _check_cnn(cfg)
+
+    def token_path(self) -> Path | None:
+        """The token checkpoint file (None for random tokens); an experiment is the sibling run."""
+        spec = self.options.tokens
+        if spec.random:
+            return None
+        return teacher_path(TeacherSpec(experiment=spec.experiment, checkpoint=spec.checkpoint), self.run_dir)
+
+    def check_inputs(self) -> None:
+        """Read teacher and tokens before any data or model; token count and teacher checked here."""
+        spec = self.options.teacher
+        self._teacher_ckpt = read_teacher(teacher_path(spec, self.run_dir), spec.experiment)
+        path = self.token_path()
+        if path is None:
+            return
+        if self.options.tokens.experiment is not None and not path.is_file():
+            raise TokenError(f"method.tokens: token checkpoint not found: {path} (train the token run first: "
+                             f"experiment '{self.options.tokens.experiment}')")
+        self._token_state, token_cfg = token_state(path)
+        tokens = self._token_state.get("mask_modules.0.mask_token")
+        if tokens is None:
+            raise TokenError(f"{path}: no 'mask_modules.0.mask_token' entry")
+        if tokens.shape[0] != self.options.num_tokens:
+            raise TokenError(f"{path}: token checkpoint has {tokens.shape[0]} tokens per level, but "
+                             f"method.num_tokens is {self.options.num_tokens}")
+        recorded = ((token_cfg.get("method") or {}).get("teacher") or {}).get("experiment")
+        if recorded is not None and spec.experiment is not None and recorded != spec.experiment:
+            raise TokenError(f"{path}: tokens were learned on teacher '{recorded}', but method.teacher.experiment "
+                             f"is '{spec.experiment}'")
+        self._token_facts = {"path": str(path), "sha256": file_sha256(path),
+                             "experiment": token_cfg.get("name")}
+
+    def setup(self, model: nn.Module, criterion: nn.Module, device: torch.device) -> None:
+        """Frozen teacher and tokens (outside the module tree), trainable align convs, the loss term."""
+        o = self.options
+        if self._teacher_ckpt is None:
+            self.check_inputs()
+        teacher = self.hold_frozen("teacher", build_teacher(self._teacher_ckpt, device))
+        t_channels = probe_channels(teacher, o.position)
+        s_channels = probe_channels(model, o.position)
+        if len(t_channels) != len(s_channels):
+            raise TeacherError(f"{self._teacher_ckpt.path}: the teacher has {len(t_channels)} tapped levels, "
+                               f"the student {len(s_channels)} (method.position {o.position})")
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        bank = TokenBank(t_channels, o.num_tokens, o.weighting, generator)
+        if self._token_state is not None:
+            load_tokens(bank, self._token_state, self.token_path())
+        self.hold_frozen("tokens", bank.to(device))
+        self.align = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(s_channels, t_channels)).to(device)
+        if o.position == "backbone":
+            tap_module(model, o.position).register_forward_hook(
+                lambda module, inputs, output: self._student_taps.append(output))
+        criterion.register_loss(self._loss_term, {"loss_maskd": o.loss_weight})
+
+    def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
+                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """Student forward (its task losses) + the teacher's tapped maps under no_grad + the MasKD loss."""
+        self._student_taps.clear()
+        out = super().forward_train(model, images, mask, targets)
+        if self.options.position == "fpn":
+            student = list(out["features"].values())
+        else:
+            (taps,) = self._student_taps
+            student = list(taps.values())
+        self._student_taps.clear()
+        with torch.no_grad():
+            teacher = tap_features(self.frozen("teacher"), images, mask, self.options.position)
+        out["loss_maskd"] = self.distill_loss(student, teacher)
+        if self.training:
+            self.step += 1
+        return out
+
+    def distill_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        """Σ over levels of :func:`masked_distillation` (aligned student vs teacher, teacher's masks)."""
+        o = self.options
+        bank = self.frozen("tokens")
+        customise = o.custom_mask and int(self.step) >= o.custom_mask_warmup
+        total = student[0].new_zeros(())
+        for s, t, align, tokens in zip(student, teacher, self.align, bank.mask_modules, strict=True):
+            s = align(s)
+            with torch.no_grad():
+                masks = tokens.masks(t)
+                if customise:
+                    masks = masks * tokens.masks(s)
+                weights = tokens.weights(t) if o.weighting else None
+            total = total + masked_distillation(s, t, masks, weights)
+        return total
+
+    @staticmethod
+    def _loss_term(outputs: dict[str, Any], targets: Any, context: Any) -> dict[str, Tensor]:
+        return {"loss_maskd": outputs["loss_maskd"]}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"teacher": teacher_facts(self._teacher_ckpt) if self._teacher_ckpt else None,
+                "tokens": self._token_facts, "options": dataclasses.asdict(self.options)}

@@ -229,11 +229,12 @@ def experiment_epochs(experiment: str) -> int | None:
     return None
 
 
-def experiment_teacher(config_path: str | Path) -> tuple[str, str] | None:
+def experiment_teacher(config_path: str | Path, key: str = "teacher") -> tuple[str, str] | None:
     """The teacher an experiment's method names: ("experiment", NAME), ("checkpoint", FILE) or None.
 
     Read from the YAML and its ``extends`` chain without importing torch (the Snakefile calls it
     while building the DAG, so a student's training rule depends on its teacher's run).
+    ``key``: another method input named the same way (MasKD's ``tokens``: a token run or file).
     """
     method: dict[str, Any] = {}
     path, seen = Path(config_path).resolve(), set()
@@ -242,15 +243,15 @@ def experiment_teacher(config_path: str | Path) -> tuple[str, str] | None:
         data = load_yaml(path)
         section = data.get("method")
         if isinstance(section, dict):
-            teacher = section.get("teacher")
-            if isinstance(teacher, dict) and "teacher" in method:
-                teacher = {**teacher, **method["teacher"]}
-            method = {**section, **method, **({"teacher": teacher} if isinstance(teacher, dict) else {})}
+            teacher = section.get(key)
+            if isinstance(teacher, dict) and key in method:
+                teacher = {**teacher, **method[key]}
+            method = {**section, **method, **({key: teacher} if isinstance(teacher, dict) else {})}
         parent = data.get("extends", data.get("base"))
         if not isinstance(parent, str):
             break
         path = (path.parent / parent).resolve()
-    teacher = method.get("teacher")
+    teacher = method.get(key)
     if not isinstance(teacher, dict):
         return None
     for kind in ("experiment", "checkpoint"):

@@ -76,6 +76,18 @@ def teacher_checkpoint(wildcards):
     return [value]
 
 
+def tokens_checkpoint(wildcards):
+    """A MasKD student's receptive tokens (method.tokens): the final checkpoint of its token run
+    (stage 1, trained once per (teacher, T, variant) and shared), the named file, or nothing."""
+    tokens = experiment_teacher(experiment_config(wildcards), key="tokens")
+    if tokens is None:
+        return []
+    kind, value = tokens
+    if kind == "experiment":
+        return [f"{RUNS}/{wildcards.scale}/{value}/checkpoint_final.pt"]
+    return [value]
+
+
 def run_dir(wildcards):
     return f"{RUNS}/{wildcards.scale}/{wildcards.experiment}"
 

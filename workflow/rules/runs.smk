@@ -15,6 +15,8 @@ rule train:
         data=f"{RUNS}/{{scale}}/data.json",
         # Distillation: the teacher's run (read by the method from the sibling run directory).
         teacher=teacher_checkpoint,
+        # MasKD: the stage-1 token run (its own train rule, a maskd_tokens experiment).
+        tokens=tokens_checkpoint,
     output:
         done=f"{RUNS}/{{scale}}/{{experiment}}/done.json",
         checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",

@@ -183,3 +183,23 @@ def test_cached_training_resumes_exactly_and_records_the_cache(data_root, tmp_pa
     a, b = _final_weights(reference), _final_weights(out)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("experiment, reason", [
+    ("cdetr_r50_50ep", None),
+    ("d3etr_cdetr_r50_12ep_adaptive", "method 'd3etr'"),
+    ("fcos_r50_24ep", None),  # the mini overlay's CNN section turns the cache off
+])
+def test_runs_that_cannot_use_cached_features_say_why(data_root, experiment, reason):
+    from replic.engine.feature_cache import unsupported_reason
+
+    path = REPO / "configs" / "experiments" / f"{experiment}.yaml"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not in this checkout")
+    cfg = load_experiment(path, "mini", {"data": {"root": str(data_root)}})
+    if experiment.startswith("fcos"):
+        assert cfg.train.feature_cache is False and unsupported_reason(cfg) is not None
+        return
+    assert cfg.train.feature_cache
+    found = unsupported_reason(cfg)
+    assert (found is None) if reason is None else (reason in found)

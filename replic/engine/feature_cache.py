@@ -39,8 +39,26 @@ log = logging.getLogger("replic.engine")
 CACHE_FORMAT = 1
 
 
+def unsupported_reason(cfg: Any) -> str | None:
+    """Why this experiment trains uncached although ``train.feature_cache`` is on (None: it can use it).
+
+    A scale overlay (mini) turns the cache on for every experiment; a training method that runs
+    its own forward on the images (a teacher: D³ETR) or a non-DETR model family cannot use cached
+    DETR-backbone maps, so those runs train from images, and their provenance says why.
+    """
+    family = getattr(cfg.model, "family", "detr")
+    if family != "detr":
+        return f"model family '{family}' has no cached-feature path"
+    method = cfg.method.get("name", "none") if isinstance(cfg.method, dict) else "none"
+    if method != "none":
+        return f"method '{method}' runs its own forward on the images"
+    return None
+
+
 def check_cacheable(cfg: Any) -> None:
     """``ConfigError`` naming the key when ``train.feature_cache`` cannot give the uncached result."""
+    if unsupported_reason(cfg) is not None:
+        return  # trains from images (see unsupported_reason); nothing to check
     data = cfg.data
     if cfg.model.train_backbone:
         raise ConfigError("train.feature_cache: needs a frozen backbone (model.train_backbone: false)")
@@ -48,10 +66,6 @@ def check_cacheable(cfg: Any) -> None:
         raise ConfigError(
             "train.feature_cache: needs a deterministic train resize: one data.train_scales size "
             f"(got {data.train_scales}) and data.resize_only_prob: 1.0 (got {data.resize_only_prob})")
-    method = cfg.method.get("name", "none") if isinstance(cfg.method, dict) else "none"
-    if method != "none":
-        raise ConfigError(f"train.feature_cache: method '{method}' runs its own forward on the images; "
-                          "feature caching supports plain training (method: none) only")
 
 
 def _hash_update_tensor(digest: Any, name: str, tensor: Tensor) -> None:
@@ -174,7 +188,7 @@ def load_or_build(cfg: Any, dataset: Any, backbone: torch.nn.Module, device: tor
     data = load_torch_weights_only(path)
     if not isinstance(data, dict) or data.get("key") != key:
         raise ValueError(f"{path}: feature cache does not hold key {key} (stale or foreign file); delete it")
-    info = {"key": key, "path": str(path), "built_by_this_run": built, "inputs": inputs}
+    info = {"used": True, "key": key, "path": str(path), "built_by_this_run": built, "inputs": inputs}
     return {"maps": data["maps"], "targets": data["targets"]}, info
 
 

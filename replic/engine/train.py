@@ -194,8 +194,13 @@ class Trainer:
 
     def _use_feature_cache(self, detector: torch.nn.Module) -> None:
         """Train from cached frozen-backbone maps (``train.feature_cache``; same outputs, see the module)."""
-        from replic.engine.feature_cache import CachedFeatureDataset, load_or_build
+        from replic.engine.feature_cache import CachedFeatureDataset, load_or_build, unsupported_reason
 
+        reason = unsupported_reason(self.cfg)
+        if reason is not None:
+            log.warning("train.feature_cache is on but not used: %s; training from images", reason)
+            self.cache_info = {"used": False, "reason": reason}
+            return
         cache, self.cache_info = load_or_build(
             self.cfg, self.dataset, detector.backbone[0], self.device, is_main=self.dist.is_main,
             progress=self.show_progress and self.dist.is_main)

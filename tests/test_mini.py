@@ -69,7 +69,13 @@ def test_pretrained_weights_record_their_provenance_and_load_into_the_mini_backb
     assert "layer4" not in dict(backbone.body.named_children())  # C4 input: layer4 never runs
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "configs" / "experiments").glob("*detr_r50_50ep*.yaml")))
+def _table_experiments() -> list[str]:
+    from replic.workflow.registry import load_registry
+
+    return load_registry(REPO / "configs" / "tables.yaml").experiments(["conditional_detr", "cdetr_ablations"])
+
+
+@pytest.mark.parametrize("experiment", _table_experiments())
 def test_mini_overlay_validates_for_the_conditional_detr_tables(experiment, tmp_path):
     from replic.config import deep_merge
 

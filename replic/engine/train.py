@@ -299,7 +299,9 @@ class Trainer:
         if self.dist.is_main:
             record = json.loads((out_dir / "metrics.json").read_text())
             values = {**record["metrics"], **record["diagnostics"]}
-            self.metrics.write({"type": "eval", "epoch": self.epoch, "step": self.global_step,
+            # "epoch": epochs completed (fractional), so table curves place it on their epoch axis.
+            self.metrics.write({"type": "eval", "epoch": self.global_step / self.steps_per_epoch,
+                                "step": self.global_step,
                                 "images": record["eval"]["images"],
                                 **{k: v for k, v in values.items() if v is not None},
                                 "time": time.time() - t0})

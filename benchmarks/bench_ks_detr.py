@@ -9,10 +9,12 @@ layer replaced by the triple-attention layer (``method: ks_detr``, triple, sMLP 
   counted) of one encoder layer on B×N tokens, and of one whole forward, in training (teachers
   computed and decoded) and at evaluation (student only).
 * Time: training step (forward + loss + backward + clip 0.1 + AdamW) and eval forward (no grad,
-  model.eval()), baseline and KS steps interleaved on the same batch so machine load hits both.
+  model.eval(); per step the minimum of ``--eval-repeats`` forwards), baseline and KS steps
+  interleaved on the same batch so machine load hits both; medians over the timed steps.
 
 Usage:
     python benchmarks/bench_ks_detr.py [--device cpu|cuda] [--size 512] [--warmup 2] [--steps 5] [--threads N]
+        [--eval-repeats 3]
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--eval-repeats", type=int, default=3, help="eval forwards per step (the minimum is kept)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,10 +146,13 @@ def main() -> None:
             train_s = time.perf_counter() - start
             model.eval()
             with torch.no_grad():
-                start = time.perf_counter()
-                model(images, mask)
-                _sync(device)
-                eval_s = time.perf_counter() - start
+                repeats = []
+                for _ in range(args.eval_repeats):  # min of a few: eval forwards are short and load is noisy
+                    start = time.perf_counter()
+                    model(images, mask)
+                    _sync(device)
+                    repeats.append(time.perf_counter() - start)
+                eval_s = min(repeats)
             if step >= args.warmup:
                 rows[name]["train"].append(train_s)
                 rows[name]["eval"].append(eval_s)

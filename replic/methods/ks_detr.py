@@ -333,8 +333,11 @@ class KSEncoderLayer(nn.Module):
         outs, _ = self.self_attn(q, k, src, teacher, key_padding_mask=key_padding_mask)
         streams = len(outs)
         # The residual of every branch is the student's input x (official identity = query).
-        identity = src.repeat(streams, 1, 1) if streams > 1 else src
-        x = self.norm1(identity + self.dropout1(torch.cat(outs, dim=0)))
+        if streams > 1:
+            identity, attn = src.repeat(streams, 1, 1), torch.cat(outs, dim=0)
+        else:
+            identity, attn = src, outs[0]
+        x = self.norm1(identity + self.dropout1(attn))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout2(ffn))
 

@@ -24,6 +24,19 @@ TINY_SETTINGS = [
 ]
 
 
+# The CNN family (torchvision Faster R-CNN, smoke sizes shrunk further): multi-scale training and
+# the RPN/RoI samplers draw from the RNG, a trainable stage and the warm-up schedule keep state.
+CNN_EXPERIMENT = REPO / "configs" / "experiments" / "frcnn_r50_24ep.yaml"
+CNN_TINY_SETTINGS = [
+    "model.fpn_channels=32", "model.roi_head_dim=64", "model.trainable_layers=1",
+    "model.rpn_post_nms_top_n_train=64", "model.rpn_post_nms_top_n_test=64",
+    "data.train_scales=[56, 64]", "data.max_size=80", "data.val_size=64", "data.val_max_size=80",
+    "train.batch_size=2", "eval.batch_size=2", "train.log_every=1",
+]
+# family -> (experiment, settings): what the engine tests parametrise over.
+FAMILY_RUNS = {"detr": (EXPERIMENT, TINY_SETTINGS), "cnn": (CNN_EXPERIMENT, CNN_TINY_SETTINGS)}
+
+
 def make_uniform_coco(root: Path, n_train: int = 8, n_val: int = 4, size: int = 64, seed: int = 0) -> Path:
     """A COCO-layout set whose images all have the same size (so padding never differs)."""
     rng = np.random.default_rng(seed)
@@ -52,11 +65,13 @@ def make_uniform_coco(root: Path, n_train: int = 8, n_val: int = 4, size: int = 
     return root
 
 
-def train_command(out: Path, data_root: Path, extra: list[str] = (), scale: str = "smoke") -> list[str]:
-    """argv of ``replic train`` on the tiny settings."""
-    cmd = [sys.executable, "-m", "replic", "train", "--config", str(EXPERIMENT), "--scale", scale,
+def train_command(out: Path, data_root: Path, extra: list[str] = (), scale: str = "smoke",
+                  family: str = "detr") -> list[str]:
+    """argv of ``replic train`` on the tiny settings of a model family (:data:`FAMILY_RUNS`)."""
+    experiment, settings = FAMILY_RUNS[family]
+    cmd = [sys.executable, "-m", "replic", "train", "--config", str(experiment), "--scale", scale,
            "--out", str(out), "--threads", "1", "--no-progress", "--set", f"data.root={data_root}"]
-    for item in [*TINY_SETTINGS, *extra]:
+    for item in [*settings, *extra]:
         cmd += ["--set", item]
     return cmd
 

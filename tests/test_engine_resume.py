@@ -1,5 +1,7 @@
 """Exact resume: a REAL training subprocess is stopped mid-epoch (SIGTERM, and SIGKILL), resumed,
-and must end with bit-identical weights, metrics log and eval metrics to a run that never stopped."""
+and must end with bit-identical weights, metrics log and eval metrics to a run that never stopped.
+Every test runs for both model families (DETR; CNN = torchvision Faster R-CNN with the SGD
+warm-up schedule, whose per-iteration state is checkpointed too)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,21 @@ from engine_testutil import REPO, env, make_uniform_coco, metric_lines, run, tra
 pytestmark = pytest.mark.slow
 
 # Dropout on and every augmentation active, so RNG restore and data order both matter.
-EXTRA = ["train.epochs=3", "train.lr_drop=2", "model.dropout=0.1", "data.hflip_prob=0.5",
-         "data.resize_only_prob=0.5"]
+EXTRAS = {
+    "detr": ["train.epochs=3", "train.lr_drop=2", "model.dropout=0.1", "data.hflip_prob=0.5",
+             "data.resize_only_prob=0.5"],
+    # Warm-up over the first 15 steps: the stops below (steps 12-20) land inside and after it.
+    "cnn": ["train.epochs=3", "train.lr_steps=[2]", "train.warmup_iters=15", "data.hflip_prob=0.5"],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(EXTRAS))
+def family(request) -> str:
+    return request.param
+
+
+def _command(out: Path, data_root: Path, family: str, extra: list[str] = ()) -> list[str]:
+    return train_command(out, data_root, [*EXTRAS[family], *extra], family=family)
 
 
 def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -52,9 +67,9 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_root) -> Path:
-    out = tmp_path_factory.mktemp("reference")
-    result = run(train_command(out, data_root, EXTRA))
+def reference(tmp_path_factory, data_root, family) -> Path:
+    out = tmp_path_factory.mktemp(f"reference_{family}")
+    result = run(_command(out, data_root, family))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -71,9 +86,9 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert (a / "eval" / "detections.json").read_bytes() == (b / "eval" / "detections.json").read_bytes()
 
 
-def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, data_root, reference):
+def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, data_root, reference, family):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_command(out, data_root, EXTRA), env=env(), cwd=REPO,
+    proc = subprocess.Popen(_command(out, data_root, family), env=env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # 10 steps per epoch: stop inside epoch 1, away from its boundaries.
     _wait_for(lambda: _steps_logged(out) >= 12, proc)
@@ -85,16 +100,16 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(tmp_path, data_root, ref
     assert 12 <= stopped_at < 20 and ckpt["position"]["step_in_epoch"] != 0
     assert not (out / "done.json").exists()
 
-    resumed = run(train_command(out, data_root, EXTRA) + ["--resume"])
+    resumed = run(_command(out, data_root, family) + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["resumed_at"]["global_step"] == stopped_at
     _assert_same_run(reference, out)
 
 
-def test_sigkill_then_rerun_resumes_from_epoch_checkpoint(tmp_path, data_root, reference):
+def test_sigkill_then_rerun_resumes_from_epoch_checkpoint(tmp_path, data_root, reference, family):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_command(out, data_root, EXTRA), env=env(), cwd=REPO,
+    proc = subprocess.Popen(_command(out, data_root, family), env=env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (out / "checkpoints" / "last.pt").is_file() and _steps_logged(out) >= 12, proc)
     proc.kill()  # SIGKILL: no chance to checkpoint
@@ -103,20 +118,20 @@ def test_sigkill_then_rerun_resumes_from_epoch_checkpoint(tmp_path, data_root, r
     assert ckpt["position"]["step_in_epoch"] == 0 and ckpt["position"]["epoch"] >= 1
 
     # Re-running the same command (no --resume) continues from the checkpoint.
-    again = run(train_command(out, data_root, EXTRA))
+    again = run(_command(out, data_root, family))
     assert again.returncode == 0, again.stderr[-3000:]
     _assert_same_run(reference, out)
 
 
-def test_rerun_with_different_config_is_refused_naming_the_key(tmp_path, data_root, reference):
-    result = run(train_command(reference, data_root, [*EXTRA, "train.lr=0.00077"]))
+def test_rerun_with_different_config_is_refused_naming_the_key(tmp_path, data_root, reference, family):
+    result = run(_command(reference, data_root, family, ["train.lr=0.00077"]))
     assert result.returncode != 0
     assert "train.lr" in result.stderr and "different config" in result.stderr
 
 
-def test_rerunning_a_finished_run_is_a_no_op(data_root, reference):
+def test_rerunning_a_finished_run_is_a_no_op(data_root, reference, family):
     before = {p: p.read_bytes() for p in (reference / "done.json", reference / "checkpoint_final.pt")}
-    again = run(train_command(reference, data_root, EXTRA))
+    again = run(_command(reference, data_root, family))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete" in again.stderr
     assert {p: p.read_bytes() for p in before} == before

@@ -35,6 +35,7 @@ include: "workflow/rules/runs.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/ks_detr.smk"
+include: "workflow/rules/maskd.smk"
 
 
 # Cheap bookkeeping runs on the submitting host, not as cluster jobs.
@@ -44,16 +45,29 @@ localrules:
     scale_overlay,
     table,
     ks_attention_table,
+    maskd_token_figures_table,
 
 
 rule all:
     """Every paper table with its attention figures (test-only tables such as smoke_ci only on request)."""
     input:
         [table_outputs(name) for name in PAPER_TABLES],
-        [f"results/figures/table_{name}_extremity.csv" for name in PAPER_TABLES],
+        # Attention figures of the tables with DETR-family runs (CNN detectors have no decoder attention).
+        [
+            f"results/figures/table_{name}_extremity.csv"
+            for name in PAPER_TABLES
+            if experiments_of_family(REGISTRY.experiments([name]), config["experiments_dir"], "detr")
+        ],
         [
             f"results/figures/table_{name}_ks_attention.csv"
             for name in PAPER_TABLES
             if experiments_with_method(REGISTRY.experiments([name]), config["experiments_dir"], "ks_detr")
         ],
+        # MasKD: receptive-token figures of every token run a table uses; AP against T.
+        [
+            f"results/figures/table_{name}_receptive_tokens.json"
+            for name in PAPER_TABLES
+            if token_runs(REGISTRY.experiments([name]), config["experiments_dir"])
+        ],
+        [f"results/figures/table_{name}_ap_vs_tokens.png" for name in PAPER_TABLES if name == "maskd_tokens"],
     default_target: True

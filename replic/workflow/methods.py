@@ -36,3 +36,46 @@ def experiments_with_method(experiments: list[str], experiments_dir: str | Path,
     """The experiments among ``experiments`` whose config selects method ``name`` (missing files skipped)."""
     folder = Path(experiments_dir)
     return [e for e in experiments if (folder / f"{e}.yaml").is_file() and method_name(folder / f"{e}.yaml") == name]
+
+
+def model_family(config_path: str | Path) -> str:
+    """``model.family`` of an experiment YAML after its ``extends:`` chain ("detr" if unset)."""
+    path = Path(config_path)
+    seen: set[Path] = set()
+    while path not in seen:
+        seen.add(path)
+        raw: dict[str, Any] = load_yaml(path)
+        model = raw.get("model")
+        if isinstance(model, dict) and "family" in model:
+            return str(model["family"])
+        parent = next((raw[k] for k in EXTENDS_KEYS if k in raw), None)
+        if parent is None:
+            return "detr"
+        path = (path.parent / parent).resolve()
+    raise ValueError(f"{config_path}: circular extends chain")
+
+
+def experiments_of_family(experiments: list[str], experiments_dir: str | Path, family: str) -> list[str]:
+    """The experiments among ``experiments`` whose model is of ``family`` (missing files skipped).
+
+    The attention figures read DETR decoder attention: CNN-family runs (``model.family: cnn``)
+    have none, so the figure rules only take the ``detr`` runs of a table.
+    """
+    folder = Path(experiments_dir)
+    return [e for e in experiments if (folder / f"{e}.yaml").is_file() and model_family(folder / f"{e}.yaml") == family]
+
+
+def token_runs(experiments: list[str], experiments_dir: str | Path) -> list[str]:
+    """The MasKD token runs (``method.tokens.experiment``) the experiments among ``experiments`` name,
+    sorted, each once (missing files skipped)."""
+    from replic.workflow.registry import experiment_teacher
+
+    folder = Path(experiments_dir)
+    found = set()
+    for name in experiments:
+        path = folder / f"{name}.yaml"
+        if path.is_file():
+            tokens = experiment_teacher(path, key="tokens")
+            if tokens is not None and tokens[0] == "experiment":
+                found.add(tokens[1])
+    return sorted(found)

@@ -5,6 +5,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from replic.config import ConfigError
+from replic.workflow.methods import experiments_of_family
 from replic.workflow.registry import experiment_teacher, load_registry
 
 SCALE = config["scale"]
@@ -116,6 +117,22 @@ def cpus_per_task(job):
     return get
 
 
+def stop_signal(job):
+    """sbatch --signal for a training job: SIGTERM a tenth of its runtime (at most 5 min) before
+    the limit, so `replic train` checkpoints and exits 75 in time and Snakemake resubmits it.
+
+    TERM, not USR1, and not to the batch shell only (no ``B:``): every process of the job step
+    gets it, and the Snakemake process that runs the rule inside the job stops gracefully on
+    TERM (USR1 would kill it before replic has written its checkpoint).
+    """
+
+    def get(wildcards):
+        runtime_min = REGISTRY.resources(wildcards.experiment, wildcards.scale, job)["runtime"]
+        return f"--signal=TERM@{max(30, min(300, int(runtime_min) * 6))}"
+
+    return get
+
+
 def cpus_per_gpu(job):
     """cpus_per_gpu for Slurm (0 = not set: CPU jobs ask --cpus-per-task=threads)."""
 
@@ -205,7 +222,8 @@ def viz_baseline(experiment, experiments):
 
 
 def table_viz_inputs(wildcards):
-    experiments = REGISTRY.experiments([wildcards.table])
+    # Attention figures exist for DETR-family runs only (CNN detectors have no decoder attention).
+    experiments = experiments_of_family(REGISTRY.experiments([wildcards.table]), config["experiments_dir"], "detr")
     figures = [f"results/figures/{SCALE}/attention/{e}" for e in experiments]
     pairs = [(e, viz_baseline(e, experiments)) for e in experiments]
     figures += [f"results/figures/{SCALE}/compare/{e}_vs_{b}" for e, b in pairs if b]

@@ -27,7 +27,6 @@ replaced by a *triple-attention* layer. Besides the plain ("student") attention 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 
 from replic.config import ConfigError
 from replic.methods.base import TrainingMethod
-from replic.models.attention import attention_bias, merge_heads, split_heads
+from replic.models.attention import attention_bias, merge_heads, multi_head_attention, split_heads
 from replic.models.box_ops import box_cxcywh_to_xyxy
 from replic.models.transformer import TransformerEncoderLayer
 
@@ -237,43 +236,28 @@ class TripleAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         d = v.shape[-1]
         if teacher is None:
-            out, w = _attend(q, k, v, bias, p, need_weights)
+            out, w = multi_head_attention(q, k, v, bias, p, need_weights)
             return [self.out_proj(merge_heads(out))], (None if w is None else [w])
         uses_a = "v_t" in self.rows     # a teacher A·V_t (shares the student's attention map)
         uses_v = "q_t" in self.rows     # a teacher A_t·V (shares the student's values)
         weights = []
+        outs = {}
         if uses_a:
             # One fused call: A·[V | V_t] shares A (and its dropout mask) between student and teacher.
-            both, w = _attend(q, k, torch.cat((v, self._project("v_t", teacher["v_t"])), dim=-1), bias, p,
-                              need_weights)
-            student, share_a = both[..., :d], both[..., d:]
+            values = torch.cat((v, self._project("v_t", teacher["v_t"])), dim=-1)
+            both, w = multi_head_attention(q, k, values, bias, p, need_weights)
+            outs["student"], outs["share_a"] = both[..., :d], both[..., d:]
         else:
-            student, w = _attend(q, k, v, bias, p, need_weights)
+            outs["student"], w = multi_head_attention(q, k, v, bias, p, need_weights)
         weights.append(w)
-        outs = {"student": student}
-        if uses_a:
-            outs["share_a"] = share_a
         if uses_v:
             q_t, k_t = self._project("q_t", teacher["q_t"]), self._project("k_t", teacher["k_t"])
-            outs["share_v"], w_t = _attend(q_t, k_t, v, bias, p, need_weights)
+            outs["share_v"], w_t = multi_head_attention(q_t, k_t, v, bias, p, need_weights)
             weights.append(w_t)
         names = ("student",) + TEACHERS[self.variant]
         # One out-projection call over all branches (stacked on the batch dim).
         merged = self.out_proj(torch.cat([merge_heads(outs[n]) for n in names], dim=0))
         return list(merged.chunk(len(names), dim=0)), (weights if need_weights else None)
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float,
-            need_weights: bool) -> tuple[Tensor, Tensor | None]:
-    """Scaled dot-product attention (fused unless weights are asked for); weights pre-dropout."""
-    if not need_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p), None
-    logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        logits = logits + bias
-    weights = logits.softmax(-1)
-    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    return torch.matmul(dropped, v), weights
 
 
 # --------------------------------------------------------------------------- encoder layer

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -138,15 +139,8 @@ def _sbatch_calls(output: str) -> list[str]:
     return [line for line in output.splitlines() if "sbatch call:" in line]
 
 
-@pytest.mark.timeout(400)
-@pytest.mark.parametrize("variables", [
-    pytest.param({}, id="unset"),
-    pytest.param({"REPLIC_SLURM_PARTITION": "debug", "REPLIC_SLURM_ACCOUNT": "ci_account"}, id="set"),
-])
-def test_production_profile_as_the_readme_types_it(slurm_workdir: Path, tmp_path: Path, variables: dict) -> None:
-    """`snakemake --cores all --profile slurm <target>`: unset variables = cluster defaults (no -p/-A),
-    set ones reach sbatch; the job gets the CPUs its rule asks for, not the cap of --cores."""
-    workdir = copy_workflow(tmp_path / "wf")
+def _profile_env(workdir: Path, tmp_path: Path, variables: dict[str, str]) -> dict[str, str]:
+    """Environment of the README's command; adds the CI status setting to the copy's profile."""
     with (workdir / "slurm" / "config.yaml").open("a") as handle:
         handle.write(CI_STATUS)
     env = {k: v for k, v in os.environ.items()
@@ -161,6 +155,19 @@ def test_production_profile_as_the_readme_types_it(slurm_workdir: Path, tmp_path
         (shim / "sacctmgr").write_text(f"#!/bin/sh\necho {variables['REPLIC_SLURM_ACCOUNT']}\n")
         (shim / "sacctmgr").chmod(0o755)
         env["PATH"] = f"{shim}{os.pathsep}{env['PATH']}"
+    return env
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("variables", [
+    pytest.param({}, id="unset"),
+    # Set: test_requeued_training_… submits with both variables set (and asserts -p/-A).
+])
+def test_production_profile_as_the_readme_types_it(slurm_workdir: Path, tmp_path: Path, variables: dict) -> None:
+    """`snakemake --cores all --profile slurm <target>`: unset variables = cluster defaults (no -p/-A),
+    set ones reach sbatch; the job gets the CPUs its rule asks for, not the cap of --cores."""
+    workdir = copy_workflow(tmp_path / "wf")
+    env = _profile_env(workdir, tmp_path, variables)
     target = "data/tiny/annotations/instances_val2017.json"
     result = subprocess.run(
         ["timeout", "-k", "30", "300", str(Path(sys.executable).with_name("snakemake")),
@@ -196,3 +203,113 @@ def test_cores_all_does_not_shrink_what_a_paper_job_asks_sbatch_for(tmp_path: Pa
     assert "cpus_per_gpu=4" in output and "gpu=8" in output  # train: 32 threads over 8 GPUs
     assert "cpus_per_gpu=8" in output  # eval: 8 threads, 1 GPU
     assert "slurm_partition=," in output or "slurm_partition=\n" in output  # unset: no -p
+
+
+# ------------------------------------------------------------------------------- preemption
+PREEMPT_RUN = "runs_pre/smoke/detr_r50_50ep"
+# A shorter smoke run (the copy's overlay only): ~40 steps, a metrics line per step.
+SHORT_SMOKE = {"train": {"max_steps": 40, "log_every": 1, "epochs": 4}}
+
+
+def _shrink(workdir: Path) -> None:
+    import yaml
+
+    cfg_path = workdir / "config" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["tiny_data"].update(train=24, val=4, size=160)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    scale_path = workdir / "configs" / "scales" / "smoke.yaml"
+    scale = yaml.safe_load(scale_path.read_text())
+    for section, values in SHORT_SMOKE.items():
+        scale.setdefault(section, {}).update(values)
+    scale_path.write_text(yaml.safe_dump(scale))
+
+
+def _steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(ln).get("step", 0) for ln in path.read_text().splitlines() if ln.endswith("}")]
+    return max(steps, default=0)
+
+
+def _running_train_job() -> str | None:
+    result = subprocess.run(["squeue", "-h", "-o", "%i %T %k"], capture_output=True, text=True, timeout=30)
+    for line in result.stdout.splitlines():
+        job_id, state, comment = (line.split(None, 2) + ["", ""])[:3]
+        if state == "RUNNING" and comment.startswith("rule_train"):
+            return job_id
+    return None
+
+
+@pytest.mark.timeout(900)
+def test_requeued_training_checkpoints_resumes_and_ends_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    """`scontrol requeue` of a running training job (what preemption does): Slurm sends SIGTERM,
+    replic checkpoints and exits 75, Slurm runs the job again under the same id, it resumes from
+    last.pt and the final weights equal those of a run that was never stopped. Submitted with the
+    production profile and both site variables set."""
+    import torch
+
+    if not _slurm_up():
+        pytest.skip("no Slurm controller")
+    workdir = copy_workflow(tmp_path / "wf")
+    _shrink(workdir)
+    env = _profile_env(workdir, tmp_path, {"REPLIC_SLURM_PARTITION": "debug", "REPLIC_SLURM_ACCOUNT": "ci_account"})
+    # The tiny data first, here (the training job is the one under test; saves a submission).
+    data = snakemake(workdir, "--cores", "1", "data/tiny/annotations/instances_val2017.json", timeout=200)
+    assert data.returncode == 0, (data.stdout + data.stderr)[-3000:]
+    target = f"{PREEMPT_RUN}/checkpoint_final.pt"
+    t_start = time.monotonic()
+    proc = subprocess.Popen(
+        ["timeout", "-k", "30", "600", str(Path(sys.executable).with_name("snakemake")), "--cores", "all",
+         "--profile", "slurm", "--verbose", "--config", "runs_dir=runs_pre", "--", target],
+        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    run_dir = workdir / PREEMPT_RUN
+    job_id = None
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        job_id = _running_train_job()
+        if job_id and _steps(run_dir) >= 5:
+            break
+        time.sleep(0.5)
+    assert job_id and proc.poll() is None, "the training job never ran"
+    t_requeue = time.monotonic()
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    # Slurm holds a requeued job for 120 s (BeginTime); release it once it is back in the
+    # queue, as an admin may.
+    for _ in range(120):
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True,
+                               text=True, timeout=30).stdout.split()
+        if state == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+            break
+        time.sleep(0.5)
+    output, _ = proc.communicate(timeout=700)
+    t_done = time.monotonic()
+    if proc.returncode in (124, 137):
+        snakemake(workdir, "--unlock")
+    assert proc.returncode == 0, output[-4000:]
+    calls = _sbatch_calls(output)
+    train_calls = [c for c in calls if "rule_train" in c]
+    assert train_calls and all("--requeue" in c and "--signal=TERM@180" in c and " -p debug" in c
+                               and " -A ci_account" in c for c in train_calls), calls
+    # Stopped by the signal (a mid-epoch checkpoint is only taken on one) and resumed from it,
+    # under the same job id.
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    at = provenance["resumed_at"]
+    assert provenance["resumed_from"] and 5 <= at["global_step"] < 40 and at["step_in_epoch"] != 0, provenance
+    assert provenance["launcher"].get("SLURM_JOB_ID") == job_id
+    assert output.count("has been submitted with SLURM jobid") == 1  # requeued, not resubmitted
+
+    # The same run, never stopped, on this machine (no Slurm): identical weights.
+    reference = snakemake(workdir, "--cores", "1", "--config", "runs_dir=runs_ref", "--",
+                          "runs_ref/smoke/detr_r50_50ep/checkpoint_final.pt", timeout=400)
+    assert reference.returncode == 0, (reference.stdout + reference.stderr)[-4000:]
+    print(f"preemption test: requeue after {t_requeue - t_start:.0f} s, snakemake done "
+          f"{t_done - t_requeue:.0f} s later, reference {time.monotonic() - t_done:.0f} s")
+    mine = torch.load(workdir / target, weights_only=True)["model"]
+    ref = torch.load(workdir / "runs_ref/smoke/detr_r50_50ep/checkpoint_final.pt", weights_only=True)["model"]
+    assert mine.keys() == ref.keys()
+    for key in mine:
+        assert torch.equal(mine[key], ref[key]), key

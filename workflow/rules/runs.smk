@@ -33,6 +33,7 @@ rule train:
         gpu=job_resource("train", "gpu"),
         cpus_per_gpu=cpus_per_gpu("train"),
         cpus_per_task=cpus_per_task("train"),
+        slurm_extra=stop_signal("train"),
         mem_mb=job_resource("train", "mem_mb"),
         runtime=job_resource("train", "runtime"),
     conda:

@@ -249,6 +249,9 @@ def test_bad_ks_configs_are_refused_naming_the_key():
     no_encoder = types.SimpleNamespace(model=tiny_config(enc_layers=0), method={"name": "ks_detr"})
     with pytest.raises(ConfigError, match=r"method\.encoder_layer.*model\.enc_layers is 0"):
         build_method(no_encoder)
+    cnn = types.SimpleNamespace(model=types.SimpleNamespace(arch="retinanet"), method={"name": "ks_detr"})
+    with pytest.raises(ConfigError, match=r"method\.name: ks_detr replaces a transformer encoder layer.*no transformer"):
+        build_method(cnn)
     out_of_range = types.SimpleNamespace(model=tiny_config(enc_layers=2), method={"name": "ks_detr", "encoder_layer": 2})
     with pytest.raises(ConfigError, match=r"method\.encoder_layer: 2 is out of range"):
         build_method(out_of_range)

@@ -352,7 +352,10 @@ class KSDetr(TrainingMethod):
     @classmethod
     def check_config(cls, cfg: Any, options: KSOptions) -> None:
         """The model must have the encoder layer to replace (checked when the config loads)."""
-        enc_layers = cfg.model.enc_layers
+        enc_layers = getattr(cfg.model, "enc_layers", None)
+        if enc_layers is None:  # e.g. model.family: cnn
+            raise ConfigError("method.name: ks_detr replaces a transformer encoder layer, but this model "
+                              f"({type(cfg.model).__name__}) has no transformer encoder")
         if enc_layers < 1:
             raise ConfigError(f"method.encoder_layer: KS-DETR replaces an encoder layer, but model.enc_layers is "
                               f"{enc_layers} (this model has no encoder layer to replace)")

@@ -11,7 +11,8 @@ root, method options) and the tokens (``method``). For a few val images and one 
 * ``summary.json``: per level, the mean p_t, the mean mask value per token and the Dice matrix.
 
 ``python -m replic.methods.maskd_figure --checkpoint RUN/checkpoint_final.pt --out DIR [--images @0 @1]
-[--level P3] [--data-root ROOT]``
+[--level P3] [--data-root ROOT]``; ``… collect OUT.json SUMMARY.json...`` (index of a table's token runs);
+``… ap-vs-tokens TABLE.csv OUT.png EXPERIMENTS_DIR [SCALE]`` (AP against T).
 """
 
 from __future__ import annotations
@@ -185,8 +186,81 @@ def render(checkpoint: str | Path, out_dir: str | Path, images: list[str] | None
     return summary
 
 
+def collect(summaries: list[str | Path], out: str | Path) -> dict[str, Any]:
+    """One JSON indexing the token runs of a table: per run, its figures folder and per level the
+    mean off-diagonal Dice and the largest mean token weight."""
+    from replic.io import atomic_write_json
+
+    index: dict[str, Any] = {"runs": {}}
+    for path in map(Path, summaries):
+        summary = json_load(path)
+        index["runs"][path.parent.name] = {
+            "figures": str(path.parent), "checkpoint": summary["checkpoint"], "num_tokens": summary["num_tokens"],
+            "levels": {level: {"mean_offdiagonal_dice": f["mean_offdiagonal_dice"],
+                               "max_mean_weight": max(f["mean_weight"])} for level, f in summary["levels"].items()},
+        }
+    atomic_write_json(Path(out), index)
+    return index
+
+
+def json_load(path: Path) -> Any:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def plot_ap_vs_tokens(table_csv: str | Path, experiments_dir: str | Path, out: str | Path, scale: str = "paper") -> Path:
+    """AP of every MasKD row of a table against its number of tokens (from the row's experiment
+    config), with the undistilled student (a row without MasKD) as a horizontal line."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from replic.engine.config import resolve_raw
+    from replic.viz.plots import save_figure
+
+    points, baseline = [], None
+    with Path(table_csv).open() as handle:
+        for row in csv.DictReader(handle):
+            if not row["experiment"] or row["AP_ours"] in ("", "nan"):
+                continue
+            method = resolve_raw(Path(experiments_dir) / f"{row['experiment']}.yaml", scale).get("method") or {}
+            if method.get("name") == "maskd":
+                points.append((int(method.get("num_tokens", 6)), float(row["AP_ours"])))
+            elif baseline is None:
+                baseline = float(row["AP_ours"])
+    if not points:
+        raise ValueError(f"{table_csv}: no evaluated MasKD row")
+    points.sort()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot([t for t, _ in points], [ap for _, ap in points], "o-", label="MasKD student (ours)")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle="--", label="student alone (ours)")
+    ax.set_xlabel("receptive tokens per level, T")
+    ax.set_ylabel("box AP")
+    ax.set_xticks([t for t, _ in points])
+    ax.set_title("MasKD: AP vs number of tokens (published: not in our sources)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = save_figure(fig, out)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry (see the module docstring)."""
+    """CLI entry (see the module docstring); ``collect OUT SUMMARY...`` and ``ap-vs-tokens CSV OUT``
+    are the workflow's table-level steps."""
+    argv = list(argv if argv is not None else __import__("sys").argv[1:])
+    if argv[:1] == ["collect"]:
+        collect(argv[2:], argv[1])
+        return 0
+    if argv[:1] == ["ap-vs-tokens"]:
+        scale = argv[4] if len(argv) > 4 else "paper"
+        plot_ap_vs_tokens(argv[1], argv[3], argv[2], scale)
+        return 0
     parser = argparse.ArgumentParser(prog="python -m replic.methods.maskd_figure", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a maskd_tokens run's checkpoint_final.pt")
     parser.add_argument("--out", required=True, help="output folder")

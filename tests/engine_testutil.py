@@ -34,7 +34,9 @@ CNN_TINY_SETTINGS = [
     "train.batch_size=2", "eval.batch_size=2", "train.log_every=1",
 ]
 # family -> (experiment, settings): what the engine tests parametrise over.
-FAMILY_RUNS = {"detr": (EXPERIMENT, TINY_SETTINGS), "cnn": (CNN_EXPERIMENT, CNN_TINY_SETTINGS)}
+# "retinanet": a CNN detector without random sampling (DDP equivalence needs a deterministic loss).
+FAMILY_RUNS = {"detr": (EXPERIMENT, TINY_SETTINGS), "cnn": (CNN_EXPERIMENT, CNN_TINY_SETTINGS),
+               "retinanet": (REPO / "configs" / "experiments" / "retinanet_r50_24ep.yaml", CNN_TINY_SETTINGS)}
 
 
 def make_uniform_coco(root: Path, n_train: int = 8, n_val: int = 4, size: int = 64, seed: int = 0) -> Path:

@@ -25,6 +25,14 @@ SAME_SIZE = ["data.train_scales=[64]", "data.max_size=64", "data.resize_only_pro
              "data.val_size=64", "data.val_max_size=64", "model.dropout=0.0",
              "train.max_steps=4", "train.epochs=1", "train.lr_drop=1", "eval.batch_size=2",
              "train.lr=1e-4", "train.lr_backbone=1e-5"]
+# The CNN family: torchvision RetinaNet (no proposal sampling; its loss is a mean over images, so
+# 2 x 2 images all-reduced equals 4 images), SGD with warm-up, every candidate kept at eval.
+CNN_SAME_SIZE = ["data.train_scales=[64]", "data.max_size=64", "data.val_size=64", "data.val_max_size=64",
+                 "train.max_steps=4", "train.epochs=1", "train.lr_steps=[1]", "eval.batch_size=2",
+                 "model.score_thresh=0.0"]
+# family -> (settings, logged loss terms compared)
+CASES = {"detr": (SAME_SIZE, ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0")),
+         "retinanet": (CNN_SAME_SIZE, ("loss", "classification", "bbox_regression"))}
 
 
 def _torchrun(cmd: list[str], nproc: int) -> list[str]:
@@ -33,11 +41,14 @@ def _torchrun(cmd: list[str], nproc: int) -> list[str]:
             f"--nproc_per_node={nproc}", "-m", *cmd[2:]]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, family):
+    settings, terms = CASES[family]
     data = make_uniform_coco(tmp_path / "data", n_train=16, n_val=4)
-    single = run(train_command(tmp_path / "single", data, [*SAME_SIZE, "train.batch_size=4"]))
+    single = run(train_command(tmp_path / "single", data, [*settings, "train.batch_size=4"], family=family))
     assert single.returncode == 0, single.stderr[-3000:]
-    double = run(_torchrun(train_command(tmp_path / "ddp", data, [*SAME_SIZE, "train.batch_size=2"]), 2))
+    double = run(_torchrun(train_command(tmp_path / "ddp", data, [*settings, "train.batch_size=2"],
+                                         family=family), 2))
     assert double.returncode == 0, double.stderr[-3000:] + double.stdout[-2000:]
 
     prov = json.loads((tmp_path / "ddp" / "provenance.json").read_text())
@@ -52,7 +63,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     steps_b = [r for r in metric_lines(tmp_path / "ddp") if r["type"] == "step"]
     assert [r["step"] for r in steps_a] == [r["step"] for r in steps_b] == [1, 2, 3, 4]
     for ra, rb in zip(steps_a, steps_b):
-        for term in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):
+        for term in terms:
             assert rb[term] == pytest.approx(ra[term], rel=1e-5), (ra["step"], term)
     assert steps_a[0]["loss"] != steps_a[-1]["loss"]
 

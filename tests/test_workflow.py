@@ -154,8 +154,13 @@ def test_default_target_includes_the_figures(tmp_path: Path) -> None:
     result = snakemake(copy_workflow(tmp_path / "wf"), "-n", "--cores", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
-    runs = len(registry().experiments([n for n, t in registry().tables.items() if not t.test_only]))
-    assert counts["viz_extremity"] == counts["viz_attention"] == counts["train"] == runs
+    from replic.workflow.methods import experiments_of_family, token_runs
+
+    experiments = registry().experiments([n for n, t in registry().tables.items() if not t.test_only])
+    exp_dir = REPO / "configs" / "experiments"
+    # Attention figures for every DETR-family run; training also for the CNN runs and MasKD's token runs.
+    assert counts["viz_extremity"] == counts["viz_attention"] == len(experiments_of_family(experiments, exp_dir, "detr"))
+    assert counts["train"] == len(experiments) + len(token_runs(experiments, exp_dir))
 
 
 def test_paper_scale_without_coco_root_says_what_to_type(tmp_path: Path) -> None:

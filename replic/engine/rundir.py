@@ -76,6 +76,23 @@ def _same_function(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return a == b
 
 
+def remove_stale_temporaries(paths: RunPaths) -> int:
+    """Delete the temporary files of writes a killed process never finished (``.<name>.*.tmp``).
+
+    Atomic writes leave them only when the writer is SIGKILLed; a checkpoint's is as large as the
+    checkpoint. Called by the main process before it writes again, so none is in use.
+    """
+    removed = 0
+    for folder in (paths.root, paths.checkpoints, paths.eval_dir):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("%s: removed %d temporary file(s) of interrupted writes", paths.root, removed)
+    return removed
+
+
 def prepare(paths: RunPaths, cfg: ExperimentConfig, *, force: bool, write: bool) -> bool:
     """Check (and, on the main process, write) the run directory's config.
 
@@ -111,6 +128,8 @@ def prepare(paths: RunPaths, cfg: ExperimentConfig, *, force: bool, write: bool)
         for stale in (paths.metrics, paths.done, paths.final):
             if stale.exists():
                 stale.unlink()
+    if write:
+        remove_stale_temporaries(paths)
     if write and not layout_only:
         paths.root.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(resolved, sort_keys=True)

@@ -2,7 +2,7 @@
 its students' training, per-scale teacher sizes, and the two tables run end to end.
 
 The end-to-end runs use a shortened smoke scale (a copy of configs/scales/smoke.yaml with
-train.max_steps: 8, passed with --config scales_dir=…) so CI pays seconds per run; the real
+train.max_steps: 4, passed with --config scales_dir=…) so CI pays seconds per run; the real
 smoke numbers (full smoke schedule) are in docs/d3etr.md.
 """
 
@@ -130,7 +130,7 @@ def test_paper_scale_dag_trains_the_teacher_once_before_its_students(tmp_path):
     assert result.stdout.count("torchrun --standalone --nnodes=1 --nproc_per_node=8 -m replic") == runs
 
 
-def shortened_smoke(workdir: Path, steps: int = 8) -> str:
+def shortened_smoke(workdir: Path, steps: int = 4) -> str:
     """A scales dir in the workflow copy whose smoke overlay stops every run after ``steps`` steps."""
     scales = workdir / "scales_short"
     scales.mkdir()
@@ -165,7 +165,7 @@ def test_smoke_run_of_both_d3etr_tables(tmp_path):
         method = json.loads((runs / student / "provenance.json").read_text())["method"]
         assert method["name"] == "d3etr" and method["teacher"]["sha256"] == sha, student
     config = yaml.safe_load((runs / "cdetr_r101_50ep" / "config.yaml").read_text())
-    assert config["model"]["backbone"] == "resnet34" and config["train"]["max_steps"] == 8
+    assert config["model"]["backbone"] == "resnet34" and config["train"]["max_steps"] == 4
 
 
 @pytest.mark.slurm

@@ -193,3 +193,19 @@ def test_teacher_and_student_through_slurm(tmp_path):
     assert "SLURM_JOB_ID" in json.dumps(student) and "SLURM_JOB_ID" in json.dumps(teacher)
     sha = hashlib.sha256((runs / "cdetr_r101_50ep" / "checkpoint_final.pt").read_bytes()).hexdigest()
     assert student["method"]["teacher"]["sha256"] == sha
+
+
+@pytest.mark.parametrize("name", [*STUDENTS_12EP, "d3etr_cdetr_r50_50ep"])
+def test_d3etr_experiments_validate_at_paper_scale_without_reading_data(name):
+    from replic.engine.config import load_experiment
+
+    cfg = load_experiment(REPO / "configs" / "experiments" / f"{name}.yaml", "paper",
+                          {"data": {"root": "/nonexistent/replic-data"}})
+    epochs = 50 if "_50ep" in name else 12
+    assert (cfg.train.epochs, cfg.train.lr_drop) == ((50, 40) if epochs == 50 else (12, 11))
+    assert cfg.model.backbone == "resnet50" and cfg.model.num_classes == 91 and cfg.train.batch_size == 2
+    assert cfg.method["name"] == "d3etr" and cfg.method["teacher"] == {"experiment": "cdetr_r101_50ep"}
+    # Every option is written out, so the resolved config records each choice.
+    from replic.methods.d3etr import D3ETROptions
+
+    assert set(cfg.method) - {"name"} == set(D3ETROptions.__dataclass_fields__)

@@ -23,8 +23,9 @@ from engine_testutil import REPO
 # The DETR-family experiments (the CNN detectors have their own checks in tests/test_cnn_config.py).
 CNN_PREFIXES = ("frcnn_", "retinanet_", "fcos_")
 # Method experiments on another paper's protocol check their recipe in their own tests
-# (KS-DETR: tests/test_ks_detr.py, detrex protocol with top-300 and no norm decay).
-METHOD_PREFIXES = ("ks_",)
+# (KS-DETR: tests/test_ks_detr.py, detrex protocol with top-300 and no norm decay; D³ETR:
+# tests/test_d3etr_workflow.py).
+METHOD_PREFIXES = ("ks_", "d3etr_")
 EXPERIMENTS = sorted(p for p in (REPO / "configs" / "experiments").glob("*.yaml")
                      if not p.stem.startswith(CNN_PREFIXES + METHOD_PREFIXES))
 MISSING_ROOT = {"data": {"root": "/nonexistent/replic-data"}}
@@ -54,7 +55,8 @@ def test_every_experiment_validates_at_paper_scale_without_reading_data(path):
     assert cfg.eval.batch_size == (1 if dc5 else 2)
     epochs = int(path.stem.split("_")[-1].rstrip("ep")) if path.stem.endswith("ep") else 50
     assert cfg.train.epochs == epochs
-    assert cfg.train.lr_drop == {50: 40, 75: 60, 108: 80, 500: 400}[cfg.train.epochs]
+    # 12 epochs (D³ETR's short schedule): lr drop at 11, detrex's 12-epoch schedule.
+    assert cfg.train.lr_drop == {12: 11, 50: 40, 75: 60, 108: 80, 500: 400}[cfg.train.epochs]
     assert cfg.train.weight_decay_norm is None and cfg.train.clip_max_norm == 0.1
     assert cfg.seed == 42
 

@@ -302,3 +302,21 @@ def test_every_ks_experiment_has_the_detrex_protocol_and_a_baseline_that_differs
         ks, base = to_dict(cfg), to_dict(load_experiment(folder / f"{base_name}.yaml", "paper", missing))
         differ = {k for k in ks if ks[k] != base[k]}
         assert differ <= {"method", "name", "description"}, (path.stem, differ)
+
+
+def test_cached_backbone_maps_give_the_same_ks_outputs_as_images():
+    """Mini scale trains from cached frozen-backbone maps: the KS teachers need only the padded size."""
+    from replic.engine.feature_cache import unsupported_reason
+    from replic.models.backbone import BackboneFeatures
+
+    method, model, _, mc = _ks()
+    images, mask, targets = _batch()
+    model.eval()
+    with torch.no_grad():
+        maps = dict(model.backbone[0].body(images))
+        cached = method.forward_train(model, BackboneFeatures(maps, tuple(images.shape)), mask, targets)
+        direct = method.forward_train(model, images, mask, targets)
+    for got, want in [(cached, direct)] + list(zip(cached["encoder_streams"], direct["encoder_streams"])):
+        torch.testing.assert_close(got["pred_logits"], want["pred_logits"], rtol=0, atol=1e-6)
+    cfg = types.SimpleNamespace(model=mc, method={"name": "ks_detr"})
+    assert unsupported_reason(cfg) is None

@@ -133,7 +133,25 @@ def test_token_count_mismatch_exits_2_naming_both(runs, tmp_path, capsys):
 def test_a_detr_model_is_refused_when_the_config_loads(runs):
     from replic.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model.family: MasKD taps FPN"):
+    with pytest.raises(ConfigError, match="model.family: MasKD taps FPN features"):
         load_experiment(EXP / "cdetr_r50_50ep.yaml", "smoke", parse_overrides(
             [f"data.root={runs['data']}", "method.name=maskd", "method.teacher.experiment=x",
              "method.tokens.random=true"]))
+
+
+def test_detr_tap_is_the_c5_map_its_transformer_reads(runs):
+    """Beyond the paper: on a DETR the tap is the ResNet body's C5, exactly the outputs' ``features`` map."""
+    from replic.methods.maskd import tap_features
+
+    cfg = load_experiment(EXP / "maskd_cdetr_r50_50ep.yaml", "smoke", parse_overrides(
+        [f"data.root={runs['data']}", "model.hidden_dim=32", "model.dim_feedforward=64", "model.num_queries=5"]))
+    torch.manual_seed(0)
+    detr = family_of(cfg.model).build_model(cfg.model).eval()
+    images, mask = torch.randn(2, 3, 64, 80), torch.zeros(2, 64, 80, dtype=torch.bool)
+    with torch.no_grad():
+        (c5,) = tap_features(detr, images, mask, "backbone")
+        torch.testing.assert_close(c5, detr(images, mask)["features"]["C5"], rtol=0, atol=0)
+    from replic.config import ConfigError
+
+    with pytest.raises(ConfigError, match="a DETR has only the 'backbone' tap"):
+        tap_features(detr, images, mask, "fpn")

@@ -136,11 +136,16 @@ def masked_distillation(student: Tensor, teacher: Tensor, masks: Tensor, weights
 
 # --------------------------------------------------------------------------- feature taps
 def tap_module(detector: nn.Module, position: Position) -> nn.Module:
-    """The module whose output (a dict of maps by level) MasKD reads or replaces."""
+    """The module whose output (a dict of maps by level) MasKD reads or replaces: a CNN detector's FPN
+    (``fpn``) or the ResNet body feeding it (``backbone``); a DETR's ResNet body (``backbone`` only: the
+    C5 map that feeds its transformer — beyond the paper)."""
     neck = getattr(detector, "neck", None)
-    if neck is None:
-        raise ConfigError("method: MasKD needs a CNN detector (model.family: cnn) with an FPN neck")
-    return neck if position == "fpn" else neck.body
+    if neck is not None:
+        return neck if position == "fpn" else neck.body
+    if position == "backbone" and hasattr(detector, "backbone"):
+        return detector.backbone[0].body
+    raise ConfigError(f"method.position: {position!r} needs a CNN detector (model.family: cnn) with an FPN; "
+                      "a DETR has only the 'backbone' tap")
 
 
 def tap_features(detector: nn.Module, images: Tensor, mask: Tensor, position: Position) -> list[Tensor]:
@@ -148,6 +153,8 @@ def tap_features(detector: nn.Module, images: Tensor, mask: Tensor, position: Po
     forward builds), without running its heads."""
     from replic.models.cnn.detector import image_sizes_from_mask
 
+    if getattr(detector, "neck", None) is None:  # DETR: the padded batch goes to the ResNet as is
+        return list(tap_module(detector, position)(images).values())
     sizes = image_sizes_from_mask(mask)
     crops = [images[i, :, : int(h), : int(w)] for i, (h, w) in enumerate(sizes.tolist())]
     batch, _ = detector.model.transform(crops)
@@ -260,10 +267,10 @@ class MaskdTokensOptions:
             raise ConfigError(f"dice_weight: must be >= 0, got {self.dice_weight}")
 
 
-def _check_cnn(cfg: Any) -> None:
-    if getattr(cfg.model, "family", "detr") != "cnn":
-        raise ConfigError("model.family: MasKD taps FPN / ResNet-stage features of a CNN detector "
-                          "(family: cnn); this experiment's model is a DETR")
+def _check_cnn(cfg: Any, position: str = "fpn") -> None:
+    if getattr(cfg.model, "family", "detr") != "cnn" and position != "backbone":
+        raise ConfigError("model.family: MasKD taps FPN features of a CNN detector (family: cnn); with a DETR "
+                          "set method.position: backbone (its ResNet C5, beyond the paper)")
 
 
 class MaskdTokens(TrainingMethod):
@@ -279,7 +286,7 @@ class MaskdTokens(TrainingMethod):
 
     @classmethod
     def check_config(cls, cfg: Any, options: MaskdTokensOptions) -> None:
-        _check_cnn(cfg)
+        _check_cnn(cfg, options.position)
 
     def check_inputs(self) -> None:
         """Read the teacher checkpoint (a missing or foreign file fails here, before any data)."""
@@ -395,7 +402,7 @@ class MasKD(TrainingMethod):
 
     @classmethod
     def check_config(cls, cfg: Any, options: MasKDOptions) -> None:
-        _check_cnn(cfg)
+        _check_cnn(cfg, options.position)
 
     def token_path(self) -> Path | None:
         """The token checkpoint file (None for random tokens); an experiment is the sibling run."""

@@ -47,7 +47,6 @@ def load_token_run(checkpoint: str | Path, data_root: str | None = None) -> Toke
     from replic.config import from_dict
     from replic.data.config import DataConfig
     from replic.engine.checkpoint import load_checkpoint
-    from replic.models.cnn.config import CnnModelConfig
     from replic.models.families import family_of
 
     path = Path(checkpoint)
@@ -57,7 +56,9 @@ def load_token_run(checkpoint: str | Path, data_root: str | None = None) -> Toke
     if method.get("name") != "maskd_tokens":
         raise ValueError(f"{path}: not a MasKD token run (method.name is {method.get('name')!r}, "
                          "expected 'maskd_tokens')")
-    model_cfg = from_dict(CnnModelConfig, data["model_config"], prefix="model_config")
+    from replic.distill.teacher import _model_schema
+
+    model_cfg = from_dict(_model_schema(data["model_config"]), data["model_config"], prefix="model_config")
     detector = family_of(model_cfg).build_model(dataclasses.replace(model_cfg, pretrained_backbone="none"))
     detector.load_state_dict(data["model"], strict=True)
     detector.eval()
@@ -71,7 +72,12 @@ def load_token_run(checkpoint: str | Path, data_root: str | None = None) -> Toke
     data_cfg = from_dict(DataConfig, dict(config["data"]), prefix="data")
     if data_root:
         data_cfg = dataclasses.replace(data_cfg, root=str(data_root))
-    levels = list(model_cfg.levels) if position == "fpn" else [f"C{i + 5 - len(probe)}" for i in range(1, len(probe) + 1)]
+    if position == "fpn":
+        levels = list(model_cfg.levels)
+    elif getattr(model_cfg, "family", "detr") == "cnn":  # torchvision body keys "0", "1", ... → C-levels
+        levels = [f"C{i + 5 - len(probe)}" for i in range(1, len(probe) + 1)]
+    else:
+        levels = list(probe)  # DETR: already "C5" (…)
     return TokenRun(detector, bank.eval(), data_cfg, position, levels, path)
 
 

@@ -115,18 +115,22 @@ def test_stage2_changes_neither_tokens_nor_teacher(runs):
     assert prov["tokens"]["experiment"] == runs["tokens_cfg"].name
 
 
-def test_token_count_mismatch_exits_2_naming_both(runs, tmp_path, capsys):
+@pytest.mark.parametrize(("setting", "message"), [
+    ("method.num_tokens=4", "has 6 tokens per level, but method.num_tokens is 4"),
+    ("method.position=backbone", "tokens were learned at position 'fpn', but method.position is 'backbone'"),
+])
+def test_token_mismatch_exits_2_naming_both(runs, capsys, setting, message):
     from replic.cli import main
 
-    out = runs["runs"] / "student_t4"
+    out = runs["runs"] / f"student_bad_{setting.split('=')[0]}"
     argv = ["train", "--config", str(EXP / "maskd_retinanet_r50_24ep.yaml"), "--scale", "smoke", "--out", str(out),
             "--threads", "1", "--no-progress",
             *[a for s in [f"data.root={runs['data']}", *TINY, "train.lr_schedule=step", "train.lr_drop=1",
                           "method.teacher.experiment=teacher_run", "method.tokens.experiment=tokens_run",
-                          "method.num_tokens=4"] for a in ("--set", s)]]
+                          setting] for a in ("--set", s)]]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "has 6 tokens per level, but method.num_tokens is 4" in err and "tokens_run/checkpoint_final.pt" in err
+    assert message in err and "tokens_run/checkpoint_final.pt" in err
     assert not (out / "checkpoints").exists()
 
 

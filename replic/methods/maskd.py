@@ -428,6 +428,10 @@ class MasKD(TrainingMethod):
         if tokens.shape[0] != self.options.num_tokens:
             raise TokenError(f"{path}: token checkpoint has {tokens.shape[0]} tokens per level, but "
                              f"method.num_tokens is {self.options.num_tokens}")
+        position = (token_cfg.get("method") or {}).get("position")
+        if position is not None and position != self.options.position:
+            raise TokenError(f"{path}: tokens were learned at position '{position}', but method.position is "
+                             f"'{self.options.position}'")
         recorded = ((token_cfg.get("method") or {}).get("teacher") or {}).get("experiment")
         if recorded is not None and spec.experiment is not None and recorded != spec.experiment:
             raise TokenError(f"{path}: tokens were learned on teacher '{recorded}', but method.teacher.experiment "

@@ -11,8 +11,10 @@ seed), same batch, same SGD:
   own ``GeneralizedRCNNTransform`` (normalise; ``min_size`` = the image's short side, so it does not
   change the size), ``sum(loss_dict.values())``, backward, SGD step.
 
-Each (arch, mode) runs in its own process so peak memory is its own: peak RSS on CPU, peak
-``torch.cuda.max_memory_allocated`` on CUDA. Results: benchmarks/results_cpu.md.
+Step times come from one process that alternates the two modes step by step (same weights,
+same batch), so a shared machine's load hits both alike; peak memory from one process per mode
+(its own: peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA). Results:
+benchmarks/results_cpu.md.
 
     python benchmarks/bench_cnn_step.py --archs faster_rcnn retinanet fcos --size 512 --steps 5 --threads 2
 """
@@ -51,7 +53,8 @@ def _batch(size: int, device: str):
     return collate_fn(items).to(device), tv_images, tv_targets
 
 
-def _worker(arch: str, mode: str, size: int, steps: int, warmup: int, backbone: str, device: str) -> dict:
+def _step_fn(arch: str, mode: str, size: int, backbone: str, device: str):
+    """(step function, description) of one mode on a fresh detector (seed 0: same weights for both)."""
     import torch
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -70,6 +73,7 @@ def _worker(arch: str, mode: str, size: int, steps: int, warmup: int, backbone: 
         method = TrainingMethod(None, NoOptions())
         criterion = build_criterion(cfg)
         params = [p for p in detector.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
 
         def step() -> float:
             outputs = method.forward_train(detector, batch.images, batch.mask, batch.targets)
@@ -78,37 +82,56 @@ def _worker(arch: str, mode: str, size: int, steps: int, warmup: int, backbone: 
             loss.backward()
             optimizer.step()
             return float(loss)
-    else:
-        model = detector.model  # the same torchvision detector, with torchvision's own transform back
-        model.transform = GeneralizedRCNNTransform(min_size=size, max_size=100 * size, image_mean=list(IMAGENET_MEAN),
-                                                   image_std=list(IMAGENET_STD))
-        params = [p for p in model.parameters() if p.requires_grad]
 
-        def step() -> float:
-            loss_dict = model(tv_images, tv_targets)
-            loss = sum(loss for loss in loss_dict.values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return float(loss)
-
+        return step
+    model = detector.model  # the same torchvision detector, with torchvision's own transform back
+    model.transform = GeneralizedRCNNTransform(min_size=size, max_size=100 * size, image_mean=list(IMAGENET_MEAN),
+                                               image_std=list(IMAGENET_STD))
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> float:
+        loss_dict = model(tv_images, tv_targets)
+        loss = sum(loss for loss in loss_dict.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    return step
+
+
+def _timed(step, device: str) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _worker(arch: str, mode: str, size: int, steps: int, warmup: int, backbone: str, device: str) -> dict:
+    """``mode`` replic | torchvision: peak memory of that mode alone; ``both``: step times with the
+    two modes alternating step by step in one process (a shared CPU's load hits both alike)."""
+    import torch
+
+    modes = ("replic", "torchvision") if mode == "both" else (mode,)
+    steps_of = {m: _step_fn(arch, m, size, backbone, device) for m in modes}
     for _ in range(warmup):
-        step()
+        for m in modes:
+            steps_of[m]()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        losses.append(step())
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        for m in modes:
+            times[m].append(_timed(steps_of[m], device))
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"arch": arch, "mode": mode, "median_s": statistics.median(times), "min_s": min(times),
-            "peak_mib": peak, "first_loss": losses[0]}
+    return {"arch": arch, "mode": mode, "median_s": {m: statistics.median(t) for m, t in times.items()},
+            "peak_mib": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,15 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for arch in args.archs:
         rows = {}
-        for mode in ("replic", "torchvision"):
+        for mode in ("both", "replic", "torchvision"):
             cmd = [sys.executable, __file__, "--worker", arch, mode, "--size", str(args.size), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--backbone", args.backbone, "--device", args.device]
+                   str(args.steps if mode == "both" else 1), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads), "--backbone", args.backbone, "--device", args.device]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows[mode] = json.loads(out.strip().splitlines()[-1])
-        r, t = rows["replic"], rows["torchvision"]
-        print(f"| {arch} | {r['median_s']:.3f} | {t['median_s']:.3f} | {r['median_s'] / t['median_s']:.2f} | "
-              f"{r['peak_mib']:.0f} | {t['peak_mib']:.0f} |", flush=True)
+        r, t = rows["both"]["median_s"]["replic"], rows["both"]["median_s"]["torchvision"]
+        print(f"| {arch} | {r:.3f} | {t:.3f} | {r / t:.2f} | {rows['replic']['peak_mib']:.0f} | "
+              f"{rows['torchvision']['peak_mib']:.0f} |", flush=True)
     return 0
 
 

@@ -77,7 +77,7 @@ def test_lint_is_clean(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("table", ["conditional_detr", "cdetr_ablations"])
+@pytest.mark.parametrize("table", ["conditional_detr", "cdetr_ablations", "cnn_baselines"])
 def test_paper_scale_dag_of_each_table(tmp_path: Path, table: str) -> None:
     workdir = copy_workflow(tmp_path / "wf")
     coco = stub_coco(tmp_path / "coco")

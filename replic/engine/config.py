@@ -175,7 +175,8 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # The training method (replic.methods): ``name`` plus that method's own options, checked
     # by the method's ``Options`` dataclass. ``none`` = plain detector training.
-    method: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_METHOD))
+    # ADDED_KEY: omitted while plain training, so configs written before methods existed keep their hash.
+    method: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_METHOD), metadata=ADDED_KEY)
 
     def validate(self) -> None:
         """Cross-section checks."""

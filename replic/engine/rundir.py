@@ -62,17 +62,11 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 10
 # A run directory whose config differs only in these (e.g. written before the key existed)
 # continues under the current setting instead of being refused.
 LAYOUT_ONLY_KEYS = frozenset({"model.channels_last"})
-# Keys added after runs were written, with the value that means "as before": a directory
-# written before the key existed continues (the key's absence equals this value).
-ADDED_KEY_DEFAULTS: dict[str, Any] = {"method.name": "none"}
 
 
 def _same_function(old: dict[str, Any], new: dict[str, Any]) -> bool:
     a = {k: v for k, v in _flatten(old).items() if k not in LAYOUT_ONLY_KEYS}
     b = {k: v for k, v in _flatten(new).items() if k not in LAYOUT_ONLY_KEYS}
-    for key, value in ADDED_KEY_DEFAULTS.items():
-        a.setdefault(key, value)
-        b.setdefault(key, value)
     return a == b
 
 

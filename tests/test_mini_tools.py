@@ -1,0 +1,56 @@
+"""Mini-scale tools: the convergence figure's inputs/outputs, and pretrain-backbone's input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from replic.viz.convergence import eval_points, main, render_csv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, name: str, points: list[tuple[int, float]]) -> Path:
+    run = tmp_path / name
+    run.mkdir()
+    lines = [{"type": "step", "step": s, "loss": 1.0} for s, _ in points]
+    lines += [{"type": "eval", "step": s, "epoch": s / 10, "AP": ap, "AP50": 2 * ap, "AP75": ap / 2,
+               "top_box_std": 0.1, "gt_box_std": 0.2, "images": 4} for s, ap in reversed(points)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run
+
+
+def test_convergence_reads_eval_lines_in_step_order_and_writes_figure_and_csv(tmp_path):
+    a = _run(tmp_path, "a", [(10, 0.1), (20, 0.2)])
+    b = _run(tmp_path, "b", [(10, 0.05), (20, 0.3)])
+    assert [p["step"] for p in eval_points(a)] == [10, 20]
+    out = tmp_path / "fig" / "conv.png"
+    assert main(["--run", f"DETR={b}", "--run", f"Conditional DETR={a}", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0].startswith("run,step,AP,AP50")
+    assert rows[1:] == render_csv({"DETR": eval_points(b), "Conditional DETR": eval_points(a)}).splitlines()[1:]
+    assert rows[2] == "DETR,20,30.00,60.00,15.00,0.1000,0.2000,4"
+
+
+def test_convergence_refuses_a_run_without_periodic_evaluation(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"type": "step", "step": 1}) + "\n")
+    assert main(["--run", f"X={run}", "--out", str(tmp_path / "x.png")]) == 2
+    assert "eval_every" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/mini"], "instances_train2017.json"),
+    (["--data", ".", "--steps", "0"], "--steps"),
+])
+def test_pretrain_backbone_bad_input_exits_2_naming_it(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "replic", "pretrain-backbone", *args, "--out",
+                             str(tmp_path / "w.pt")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and not (tmp_path / "w.pt").exists()

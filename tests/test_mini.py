@@ -53,6 +53,7 @@ def pretrained(mini_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # shares the module's short pretraining (~1 min of CPU) with the detection test
 def test_pretrained_weights_record_their_provenance_and_load_into_the_mini_backbone(pretrained, mini_data):
     record = json.loads(provenance_path(pretrained).read_text())
     assert record["steps"] == PRETRAIN_STEPS and record["options"]["data_root"] == str(mini_data)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from replic.data.coco import DatasetError, _read_json, load_coco_index
+from replic.data.coco import DatasetError, load_coco_index, read_annotation_json
 from replic.data.io import atomic_write_json
 
 
@@ -48,7 +48,7 @@ def subset_coco(
     order, so the result depends only on the file contents, ``n_images`` and ``seed``.
     """
     path = Path(ann_file)
-    data = _read_json(path)
+    data = read_annotation_json(path)
     index = load_coco_index(path, data)  # validates the file, naming problems
     if n_images <= 0:
         raise ValueError(f"--images must be positive, got {n_images}")

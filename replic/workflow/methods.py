@@ -15,21 +15,26 @@ from replic.config import load_yaml
 EXTENDS_KEYS = ("extends", "base")  # as replic.engine.config.EXTENDS_KEYS
 
 
-def method_name(config_path: str | Path) -> str:
-    """``method.name`` of an experiment YAML after its ``extends:`` chain ("none" if unset)."""
+def _chain_value(config_path: str | Path, section: str, key: str, default: str) -> str:
+    """``section.key`` of an experiment YAML after its ``extends:`` chain (``default`` if unset)."""
     path = Path(config_path)
     seen: set[Path] = set()
     while path not in seen:
         seen.add(path)
         raw: dict[str, Any] = load_yaml(path)
-        method = raw.get("method")
-        if isinstance(method, dict) and "name" in method:
-            return str(method["name"])
+        block = raw.get(section)
+        if isinstance(block, dict) and key in block:
+            return str(block[key])
         parent = next((raw[k] for k in EXTENDS_KEYS if k in raw), None)
         if parent is None:
-            return "none"
+            return default
         path = (path.parent / parent).resolve()
     raise ValueError(f"{config_path}: circular extends chain")
+
+
+def method_name(config_path: str | Path) -> str:
+    """``method.name`` of an experiment YAML after its ``extends:`` chain ("none" if unset)."""
+    return _chain_value(config_path, "method", "name", "none")
 
 
 def experiments_with_method(experiments: list[str], experiments_dir: str | Path, name: str) -> list[str]:
@@ -40,19 +45,7 @@ def experiments_with_method(experiments: list[str], experiments_dir: str | Path,
 
 def model_family(config_path: str | Path) -> str:
     """``model.family`` of an experiment YAML after its ``extends:`` chain ("detr" if unset)."""
-    path = Path(config_path)
-    seen: set[Path] = set()
-    while path not in seen:
-        seen.add(path)
-        raw: dict[str, Any] = load_yaml(path)
-        model = raw.get("model")
-        if isinstance(model, dict) and "family" in model:
-            return str(model["family"])
-        parent = next((raw[k] for k in EXTENDS_KEYS if k in raw), None)
-        if parent is None:
-            return "detr"
-        path = (path.parent / parent).resolve()
-    raise ValueError(f"{config_path}: circular extends chain")
+    return _chain_value(config_path, "model", "family", "detr")
 
 
 def experiments_of_family(experiments: list[str], experiments_dir: str | Path, family: str) -> list[str]:

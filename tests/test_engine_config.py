@@ -25,9 +25,10 @@ CNN_PREFIXES = ("frcnn_", "retinanet_", "fcos_")
 # Method experiments on another paper's protocol check their recipe in their own tests
 # (KS-DETR: tests/test_ks_detr.py, detrex protocol with top-300 and no norm decay; D³ETR:
 # tests/test_d3etr_workflow.py).
-METHOD_PREFIXES = ("ks_", "d3etr_")
+METHOD_PREFIXES = ("ks_", "d3etr_", "maskd_")
 EXPERIMENTS = sorted(p for p in (REPO / "configs" / "experiments").glob("*.yaml")
                      if not p.stem.startswith(CNN_PREFIXES + METHOD_PREFIXES))
+MASKD_EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("maskd_*.yaml"))
 MISSING_ROOT = {"data": {"root": "/nonexistent/replic-data"}}
 
 
@@ -59,6 +60,16 @@ def test_every_experiment_validates_at_paper_scale_without_reading_data(path):
     assert cfg.train.lr_drop == {12: 11, 50: 40, 75: 60, 108: 80, 500: 400}[cfg.train.epochs]
     assert cfg.train.weight_decay_norm is None and cfg.train.clip_max_norm == 0.1
     assert cfg.seed == 42
+
+
+@pytest.mark.parametrize("path", MASKD_EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_maskd_experiment_validates_at_paper_scale(path):
+    # MasKD's students follow the mmdet 2x recipe (CNN family) or the Conditional DETR one (the
+    # rows beyond the paper); their method options are checked by the method's own schema here.
+    cfg = load_experiment(path, "paper", MISSING_ROOT)
+    assert cfg.name == path.stem and cfg.scale == "paper"
+    assert cfg.method["name"] in ("maskd", "maskd_tokens")
+    assert cfg.model.pretrained_backbone == "torchvision" and cfg.model.num_classes == 91
 
 
 def test_ablations_change_only_their_switch():

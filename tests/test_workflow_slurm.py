@@ -209,6 +209,25 @@ def _shrink(workdir: Path) -> None:
     scale_path.write_text(yaml.safe_dump(scale))
 
 
+PREEMPT_STEPS = 60
+
+
+def _one_long_epoch(workdir: Path) -> None:
+    """The whole preempted run inside one epoch (2 x PREEMPT_STEPS images, batch 2), so the
+    signal's checkpoint is mid-epoch however fast the machine is: with 12-step epochs an idle
+    CI machine reached the epoch-end checkpoint before the requeue's SIGTERM arrived."""
+    import yaml
+
+    cfg_path = workdir / "config" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["tiny_data"]["train"] = 2 * PREEMPT_STEPS
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    scale_path = workdir / "configs" / "scales" / "smoke.yaml"
+    scale = yaml.safe_load(scale_path.read_text())
+    scale["train"]["max_steps"] = PREEMPT_STEPS
+    scale_path.write_text(yaml.safe_dump(scale))
+
+
 def _steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -238,6 +257,7 @@ def test_requeued_training_checkpoints_resumes_and_ends_as_an_uninterrupted_run(
         pytest.skip("no Slurm controller")
     workdir = copy_workflow(tmp_path / "wf")
     _shrink(workdir)
+    _one_long_epoch(workdir)
     env = _profile_env(workdir, tmp_path, {"REPLIC_SLURM_PARTITION": "debug", "REPLIC_SLURM_ACCOUNT": "ci_account"})
     # The tiny data first, here (the training job is the one under test; saves a submission).
     data = snakemake(workdir, "--cores", "1", "data/tiny/annotations/instances_val2017.json", timeout=200)
@@ -254,7 +274,7 @@ def test_requeued_training_checkpoints_resumes_and_ends_as_an_uninterrupted_run(
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None:
         job_id = _running_train_job()
-        if job_id and _steps(run_dir) >= 5:
+        if job_id and _steps(run_dir) >= 3:
             break
         time.sleep(0.5)
     assert job_id and proc.poll() is None, "the training job never ran"
@@ -282,7 +302,7 @@ def test_requeued_training_checkpoints_resumes_and_ends_as_an_uninterrupted_run(
     # under the same job id.
     provenance = json.loads((run_dir / "provenance.json").read_text())
     at = provenance["resumed_at"]
-    assert provenance["resumed_from"] and 5 <= at["global_step"] < 40 and at["step_in_epoch"] != 0, provenance
+    assert provenance["resumed_from"] and 3 <= at["global_step"] < PREEMPT_STEPS and at["step_in_epoch"] != 0, provenance
     assert provenance["launcher"].get("SLURM_JOB_ID") == job_id
     # (The stopped attempt's exit code, 75, is not visible here: Slurm truncates the job's log
     # and Snakemake the rule's log when the job restarts. tests/test_engine_resume.py checks it.)

@@ -1,7 +1,7 @@
 # replic: every reproduced paper table from one command.
 #
 #   snakemake --cores all results/table_cdetr_ablations.csv        # smoke scale, tiny data, CPU
-#   snakemake --profile slurm --config scale=paper coco_root=/data/coco results/table_conditional_detr.csv
+#   snakemake --profile slurm results/table_conditional_detr.csv --config scale=paper coco_root=/data/coco
 #   snakemake --cores all results/figures/table_cdetr_ablations_extremity.csv   # attention figures
 #   snakemake --report results/report.html                         # tables + figures as HTML
 #

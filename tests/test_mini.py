@@ -86,7 +86,7 @@ def test_mini_overlay_validates_for_the_conditional_detr_tables(experiment, tmp_
     cfg = load_experiment(REPO / "configs" / "experiments" / f"{experiment}.yaml", "mini",
                           deep_merge({"data": {"root": str(tmp_path)}}, {}))
     assert cfg.scale == "mini" and cfg.model.input_level == "C4" and cfg.train.feature_cache
-    assert cfg.model.num_queries == 20 and cfg.eval.batch_size == 1
+    assert cfg.model.num_queries == 30 and cfg.eval.batch_size == 1
 
 
 @pytest.mark.slow

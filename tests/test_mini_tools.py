@@ -32,9 +32,25 @@ def test_convergence_reads_eval_lines_in_step_order_and_writes_figure_and_csv(tm
     assert main(["--run", f"DETR={b}", "--run", f"Conditional DETR={a}", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     rows = out.with_suffix(".csv").read_text().splitlines()
-    assert rows[0].startswith("run,step,AP,AP50")
-    assert rows[1:] == render_csv({"DETR": eval_points(b), "Conditional DETR": eval_points(a)}).splitlines()[1:]
-    assert rows[2] == "DETR,20,30.00,60.00,15.00,0.1000,0.2000,4"
+    assert rows[0].startswith("run,replicate,step,AP,AP50")
+    assert rows[1:] == render_csv({"DETR": [eval_points(b)], "Conditional DETR": [eval_points(a)]}).splitlines()[1:]
+    assert rows[2] == "DETR,0,20,30.00,60.00,15.00,0.1000,0.2000,4,,"
+
+
+def test_convergence_with_seeds_draws_replicates_and_their_mean_and_states_the_gap(tmp_path, capsys):
+    detr = [_run(tmp_path, "d0", [(10, 0.10), (20, 0.20)]), _run(tmp_path, "d1", [(10, 0.14), (20, 0.22)])]
+    cdetr = [_run(tmp_path, "c0", [(10, 0.12), (20, 0.30)]), _run(tmp_path, "c1", [(10, 0.11), (20, 0.28)])]
+    out = tmp_path / "seeds.png"
+    args = [a for run in detr for a in ("--run", f"DETR={run}")] + [a for run in cdetr for a in ("--run", f"CDETR={run}")]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = [line.split(",") for line in out.with_suffix(".csv").read_text().splitlines()[1:]]
+    assert len(rows) == 2 * 2 * 2 + 2 * 2  # (label, replicate, step) rows + a mean row per (label, step)
+    mean_detr_20 = next(r for r in rows if r[:3] == ["DETR", "mean", "20"])
+    assert mean_detr_20[3] == "21.00" and mean_detr_20[9] == "1.41"  # mean AP, sd AP (×100)
+    printed = capsys.readouterr().out.splitlines()
+    # step 10: CDETR 11.5 vs DETR 12.0 (ahead in 2 of 4 pairs); step 20: 29.0 vs 21.0 (4 of 4).
+    assert printed == ["step 10: CDETR - DETR = -0.50 AP (means of 2 / 2 runs; CDETR ahead in 2 of 4 pairs)",
+                       "step 20: CDETR - DETR = +8.00 AP (means of 2 / 2 runs; CDETR ahead in 4 of 4 pairs)"]
 
 
 def test_convergence_refuses_a_run_without_periodic_evaluation(tmp_path, capsys):

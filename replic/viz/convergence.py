@@ -4,6 +4,11 @@ Reads the ``{"type": "eval"}`` lines that periodic evaluation (``train.eval_ever
 each run's ``metrics.jsonl`` and draws AP and AP50 (×100) against the optimizer step, one line
 per run; the same points go to a CSV beside the figure.
 
+A label given several times (``--run "DETR=…seed1" --run "DETR=…seed2"``) is one model trained
+with several seeds: each replicate is drawn thin, their mean bold, and the CSV gets a
+``mean`` row per step with the standard deviation across replicates — one seed cannot tell a
+small gap between two models from seed noise.
+
     python -m replic.viz.convergence --run "DETR=runs/mini/detr_r50_50ep" \\
         --run "Conditional DETR=runs/mini/cdetr_r50_50ep" --out results/figures/mini/convergence.png
 """
@@ -14,11 +19,14 @@ import argparse
 import csv
 import io
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("run", "step", "AP", "AP50", "AP75", "top_box_std", "gt_box_std", "images")
+COLUMNS = ("run", "replicate", "step", "AP", "AP50", "AP75", "top_box_std", "gt_box_std", "images",
+           "AP_sd", "AP50_sd")
+METRICS = ("AP", "AP50", "AP75")
 
 
 def eval_points(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -41,35 +49,91 @@ def eval_points(run_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(points, key=lambda r: r["step"])
 
 
-def render_csv(runs: dict[str, list[dict[str, Any]]]) -> str:
-    """One CSV row per (run, evaluated step); AP values ×100."""
+def mean_points(replicates: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per step evaluated by every replicate: the mean of each metric and its standard deviation."""
+    common = set.intersection(*({p["step"] for p in points} for points in replicates))
+    by_step = [{p["step"]: p for p in points} for points in replicates]
+    means = []
+    for step in sorted(common):
+        record: dict[str, Any] = {"step": step, "n": len(replicates)}
+        for key in (*METRICS, "top_box_std", "gt_box_std"):
+            values = [r[step][key] for r in by_step if r[step].get(key) is not None]
+            record[key] = statistics.fmean(values) if len(values) == len(by_step) else None
+            if key in ("AP", "AP50") and record[key] is not None:
+                record[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        means.append(record)
+    return means
+
+
+def render_csv(runs: dict[str, list[list[dict[str, Any]]]]) -> str:
+    """One CSV row per (run, replicate, evaluated step), then, for a label with several
+    replicates, one ``mean`` row per step (with the standard deviations); AP values ×100."""
+
+    def row(label: str, replicate: Any, p: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "run": label, "replicate": replicate, "step": p["step"],
+            **{k: f"{100 * p[k]:.2f}" if p.get(k) is not None else "" for k in METRICS},
+            **{k: f"{p[k]:.4f}" if p.get(k) is not None else "" for k in ("top_box_std", "gt_box_std")},
+            "images": p.get("images", ""),
+            **{k: f"{100 * p[k]:.2f}" if p.get(k) is not None else "" for k in ("AP_sd", "AP50_sd")},
+        }
+
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for label, points in runs.items():
-        for p in points:
-            writer.writerow({
-                "run": label, "step": p["step"],
-                **{k: f"{100 * p[k]:.2f}" if p.get(k) is not None else "" for k in ("AP", "AP50", "AP75")},
-                **{k: f"{p[k]:.4f}" if p.get(k) is not None else "" for k in ("top_box_std", "gt_box_std")},
-                "images": p.get("images", ""),
-            })
+    for label, replicates in runs.items():
+        for index, points in enumerate(replicates):
+            for p in points:
+                writer.writerow(row(label, index, p))
+        if len(replicates) > 1:
+            for p in mean_points(replicates):
+                writer.writerow(row(label, "mean", p))
     return buffer.getvalue()
 
 
-def plot(runs: dict[str, list[dict[str, Any]]], title: str = "") -> Any:
-    """A figure with AP and AP50 panels against the optimizer step."""
+def gap_lines(runs: dict[str, list[list[dict[str, Any]]]], metric: str = "AP") -> list[str]:
+    """For exactly two labels (A, B): per common step, B's mean minus A's (×100) and in how many
+    of the A×B replicate pairs B is ahead; empty otherwise."""
+    if len(runs) != 2:
+        return []
+    (label_a, reps_a), (label_b, reps_b) = runs.items()
+    mean_a = {p["step"]: p for p in mean_points(reps_a)}
+    mean_b = {p["step"]: p for p in mean_points(reps_b)}
+    lines = []
+    for step in sorted(set(mean_a) & set(mean_b)):
+        if mean_a[step].get(metric) is None or mean_b[step].get(metric) is None:
+            continue
+        a = [next(p[metric] for p in points if p["step"] == step) for points in reps_a]
+        b = [next(p[metric] for p in points if p["step"] == step) for points in reps_b]
+        ahead = sum(y > x for x in a for y in b)
+        lines.append(f"step {step}: {label_b} - {label_a} = {100 * (mean_b[step][metric] - mean_a[step][metric]):+.2f} "
+                     f"{metric} (means of {len(b)} / {len(a)} runs; {label_b} ahead in {ahead} of {len(a) * len(b)} pairs)")
+    return lines
+
+
+def plot(runs: dict[str, list[list[dict[str, Any]]]], title: str = "") -> Any:
+    """A figure with AP and AP50 panels against the optimizer step (replicates thin, mean bold)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes, ("AP", "AP50")):
-        for label, points in runs.items():
-            steps = [p["step"] for p in points]
-            values = [100 * p[metric] if p.get(metric) is not None else float("nan") for p in points]
-            ax.plot(steps, values, marker="o", markersize=3, label=label)
+        for colour, (label, replicates) in zip(colours * 4, runs.items()):
+            many = len(replicates) > 1
+            for points in replicates:
+                steps = [p["step"] for p in points]
+                values = [100 * p[metric] if p.get(metric) is not None else float("nan") for p in points]
+                ax.plot(steps, values, color=colour, alpha=0.35 if many else 1.0, linewidth=1.0,
+                        marker=None if many else "o", markersize=3, label=None if many else label)
+            if many:
+                mean = mean_points(replicates)
+                ax.plot([p["step"] for p in mean],
+                        [100 * p[metric] if p.get(metric) is not None else float("nan") for p in mean],
+                        color=colour, linewidth=2.2, marker="o", markersize=3,
+                        label=f"{label} (mean of {len(replicates)} seeds)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"val {metric}")
         ax.grid(alpha=0.3)
@@ -83,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replic.viz.convergence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=RUN_DIR",
-                        help="a run directory with periodic evaluation, and its legend label")
+                        help="a run directory with periodic evaluation, and its legend label (a label given "
+                             "several times: replicates of one model, e.g. seeds)")
     parser.add_argument("--out", required=True, help="figure (.png); the CSV goes beside it (.csv)")
     parser.add_argument("--title", default="", help="figure title")
     args = parser.parse_args(argv)
@@ -93,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             label, sep, run_dir = item.partition("=")
             if not sep:
                 raise ValueError(f"--run {item!r}: expected LABEL=RUN_DIR")
-            runs[label] = eval_points(run_dir)
+            runs.setdefault(label, []).append(eval_points(run_dir))
     except (ValueError, FileNotFoundError) as err:
         print(f"convergence: error: {err}", file=sys.stderr)
         return 2
@@ -102,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".csv"), render_csv(runs))
+    for line in gap_lines(runs):
+        print(line)
     fig = plot(runs, args.title)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -113,3 +113,32 @@ rule convergence_figure:
     shell:
         "python -m replic.viz.convergence {params.runs} --out {output.figure}"
         " --title 'DETR vs Conditional DETR, {wildcards.scale} scale' > {log} 2>&1"
+
+
+rule convergence_seeds_figure:
+    """The convergence figure over seeds (config convergence_seeds): each seed thin, the mean
+    bold, the mean gap per step (and in how many seed pairs Conditional DETR leads) in the .txt."""
+    input:
+        runs=[f"{RUNS}/{{scale}}/{name}/done.json" for names in CONVERGENCE_REPLICATES.values() for name in names],
+    output:
+        figure=report(
+            "results/figures/{scale}/convergence_detr_vs_cdetr_seeds.png",
+            caption="../report/figure_curves.rst",
+            category="Figures",
+            labels={"table": "convergence", "figure": "val AP vs step, seeds"},
+        ),
+        csv="results/figures/{scale}/convergence_detr_vs_cdetr_seeds.csv",
+        gap="results/figures/{scale}/convergence_detr_vs_cdetr_seeds.txt",
+    params:
+        runs=lambda wildcards: " ".join(f"--run '{label}={RUNS}/{wildcards.scale}/{name}'"
+                                        for label, names in CONVERGENCE_REPLICATES.items() for name in names),
+        seeds=len(config.get("convergence_seeds", [])) + 1,
+    log:
+        "results/logs/convergence_seeds_{scale}.log",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "python -m replic.viz.convergence {params.runs} --out {output.figure}"
+        " --title 'DETR vs Conditional DETR, {wildcards.scale} scale, {params.seeds} seeds'"
+        " > {output.gap} 2> {log}"

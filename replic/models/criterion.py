@@ -51,7 +51,38 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: float, alpha:
     return loss.mean(1).sum() / num_boxes
 
 
-class SetCriterion(nn.Module):
+class ExtraLosses:
+    """Registered extra loss terms, shared by every criterion (this module's and the CNN
+    detectors'): ``weight_dict`` holds the weights, :meth:`register_loss` adds a term."""
+
+    weight_dict: dict[str, float]
+    _extra: list[LossFn]
+
+    def register_loss(self, fn: LossFn, weights: dict[str, float]) -> None:
+        """Add an extra loss callable; every key it returns must be in ``weights``."""
+        clash = set(weights) & set(self.weight_dict)
+        if clash:
+            raise ValueError(f"register_loss: loss names already used: {sorted(clash)}")
+        self._extra.append(fn)
+        self.weight_dict.update(weights)
+
+    def add_extra_losses(self, losses: dict[str, Tensor], outputs: dict[str, Any],
+                         targets: list[dict[str, Tensor]], context: dict[str, Any]) -> dict[str, Tensor]:
+        """Run every registered term into ``losses``; a term without a weight or one that
+        overwrites an existing term is an error (it would be silently dropped or replaced)."""
+        for fn in self._extra:
+            extra = fn(outputs, targets, context)
+            unknown = set(extra) - set(self.weight_dict)
+            if unknown:
+                raise KeyError(f"extra loss returned terms without a weight: {sorted(unknown)}")
+            clash = set(extra) & set(losses)
+            if clash:
+                raise KeyError(f"extra loss overwrites existing terms: {sorted(clash)}")
+            losses.update(extra)
+        return losses
+
+
+class SetCriterion(ExtraLosses, nn.Module):
     """Hungarian-matched losses on the last layer and every auxiliary layer."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
@@ -73,14 +104,6 @@ class SetCriterion(nn.Module):
             empty_weight = torch.ones(num_classes + 1)
             empty_weight[-1] = eos_coef
             self.register_buffer("empty_weight", empty_weight, persistent=False)
-
-    def register_loss(self, fn: LossFn, weights: dict[str, float]) -> None:
-        """Add an extra loss callable; every key it returns must be in ``weights``."""
-        clash = set(weights) & set(self.weight_dict)
-        if clash:
-            raise ValueError(f"register_loss: loss names already used: {sorted(clash)}")
-        self._extra.append(fn)
-        self.weight_dict.update(weights)
 
     # ----------------------------------------------------------------- terms
     def _check_labels(self, targets: list[dict[str, Tensor]]) -> None:
@@ -159,15 +182,7 @@ class SetCriterion(nn.Module):
             aux_indices.append(aux_idx)
             losses.update({f"{k}_{i}": v for k, v in terms.items()})
         context = {"indices": indices, "aux_indices": aux_indices, "num_boxes": num_boxes}
-        for fn in self._extra:
-            extra = fn(outputs, targets, context)
-            unknown = set(extra) - set(self.weight_dict)
-            if unknown:
-                raise KeyError(f"extra loss returned terms without a weight: {sorted(unknown)}")
-            clash = set(extra) & set(losses)
-            if clash:
-                raise KeyError(f"extra loss overwrites existing terms: {sorted(clash)}")
-            losses.update(extra)
+        self.add_extra_losses(losses, outputs, targets, context)
         return losses
 
     def prediction_set_terms(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]],

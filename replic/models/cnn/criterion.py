@@ -6,10 +6,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from replic.models.criterion import LossFn
+from replic.models.criterion import ExtraLosses, LossFn
 
 
-class DetectorLosses(nn.Module):
+class DetectorLosses(ExtraLosses, nn.Module):
     """``forward(outputs, targets)`` → ``outputs["losses"]`` (unweighted) + registered terms.
 
     Same interface as :class:`replic.models.criterion.SetCriterion`: ``weight_dict`` gives the
@@ -22,18 +22,7 @@ class DetectorLosses(nn.Module):
         self.weight_dict = dict(weight_dict)
         self._extra: list[LossFn] = []
 
-    def register_loss(self, fn: LossFn, weights: dict[str, float]) -> None:
-        """Add an extra loss callable; every key it returns must be in ``weights``."""
-        clash = set(weights) & set(self.weight_dict)
-        if clash:
-            raise ValueError(f"register_loss: loss names already used: {sorted(clash)}")
-        self._extra.append(fn)
-        self.weight_dict.update(weights)
-
     def forward(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         if "losses" not in outputs:
             raise ValueError("DetectorLosses: outputs have no 'losses' (is the model in training mode?)")
-        losses = dict(outputs["losses"])
-        for fn in self._extra:
-            losses.update(fn(outputs, targets, {}))
-        return losses
+        return self.add_extra_losses(dict(outputs["losses"]), outputs, targets, {})

@@ -165,7 +165,10 @@ def data_inputs(wildcards):
 
 def overlay_inputs(wildcards):
     """What a scale's overlay depends on: the data stamp, and at mini the pretrained backbone."""
-    inputs = {"data": f"{RUNS}/{wildcards.scale}/data.json"}
+    # The scale file itself: an edited configs/scales/<scale>.yaml must rebuild the overlay (and so
+    # retrain its runs), never leave them on the stale copy.
+    inputs = {"data": f"{RUNS}/{wildcards.scale}/data.json",
+              "scale": f"{config['scales_dir']}/{wildcards.scale}.yaml"}
     if wildcards.scale == "mini":
         inputs["backbone"] = MINI_BACKBONE
     return inputs

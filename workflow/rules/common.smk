@@ -199,7 +199,7 @@ def table_evaluations(wildcards):
 CONVERGENCE_RUNS = {"DETR": "detr_r50_50ep", "Conditional DETR": "cdetr_r50_50ep"}
 # Their seed replicates (job convergence_seeds_figure): the base run plus <name>_seed<n>.
 CONVERGENCE_REPLICATES = {
-    label: [name] + [f"{name}_seed{n}" for n in config.get("convergence_seeds", [])]
+    label: [name] + [f"{name}_seed{int(n)}" for n in config.get("convergence_seeds", [])]
     for label, name in CONVERGENCE_RUNS.items()
 }
 

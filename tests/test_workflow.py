@@ -243,3 +243,9 @@ def test_smoke_run_of_the_ablation_table(tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr[-3000:]
     html = (workdir / "results" / "report.html").read_text()
     assert "table_cdetr_ablations.csv" in html and "table_cdetr_ablations_ap.png" in html
+    # An edited scale file rebuilds the overlay and so retrains every run (never the stale copy).
+    scale_file = workdir / "configs" / "scales" / "smoke.yaml"
+    scale_file.write_text(scale_file.read_text() + "\n# edited\n")
+    stale = snakemake(workdir, "-n", "--cores", "2", "results/table_cdetr_ablations.csv")
+    counts = job_counts(stale.stdout)
+    assert counts["scale_overlay"] == 1 and counts["train"] == len(runs), counts

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import statistics
 import sys
@@ -99,16 +100,23 @@ def gap_lines(runs: dict[str, list[list[dict[str, Any]]]], metric: str = "AP") -
     (label_a, reps_a), (label_b, reps_b) = runs.items()
     mean_a = {p["step"]: p for p in mean_points(reps_a)}
     mean_b = {p["step"]: p for p in mean_points(reps_b)}
+    steps_a = [{p["step"]: p for p in points} for points in reps_a]
+    steps_b = [{p["step"]: p for p in points} for points in reps_b]
     lines = []
     for step in sorted(set(mean_a) & set(mean_b)):
         if mean_a[step].get(metric) is None or mean_b[step].get(metric) is None:
             continue
-        a = [next(p[metric] for p in points if p["step"] == step) for points in reps_a]
-        b = [next(p[metric] for p in points if p["step"] == step) for points in reps_b]
+        a = [by_step[step][metric] for by_step in steps_a]
+        b = [by_step[step][metric] for by_step in steps_b]
         ahead = sum(y > x for x in a for y in b)
         lines.append(f"step {step}: {label_b} - {label_a} = {100 * (mean_b[step][metric] - mean_a[step][metric]):+.2f} "
                      f"{metric} (means of {len(b)} / {len(a)} runs; {label_b} ahead in {ahead} of {len(a) * len(b)} pairs)")
     return lines
+
+
+def _percent(points: list[dict[str, Any]], metric: str) -> list[float]:
+    """A metric ×100 per point (NaN where a point lacks it: a gap in the line)."""
+    return [100 * p[metric] if p.get(metric) is not None else float("nan") for p in points]
 
 
 def plot(runs: dict[str, list[list[dict[str, Any]]]], title: str = "") -> Any:
@@ -121,18 +129,14 @@ def plot(runs: dict[str, list[list[dict[str, Any]]]], title: str = "") -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes, ("AP", "AP50")):
-        for colour, (label, replicates) in zip(colours * 4, runs.items()):
+        for colour, (label, replicates) in zip(itertools.cycle(colours), runs.items()):
             many = len(replicates) > 1
             for points in replicates:
-                steps = [p["step"] for p in points]
-                values = [100 * p[metric] if p.get(metric) is not None else float("nan") for p in points]
-                ax.plot(steps, values, color=colour, alpha=0.35 if many else 1.0, linewidth=1.0,
+                ax.plot([p["step"] for p in points], _percent(points, metric), color=colour, alpha=0.35 if many else 1.0, linewidth=1.0,
                         marker=None if many else "o", markersize=3, label=None if many else label)
             if many:
                 mean = mean_points(replicates)
-                ax.plot([p["step"] for p in mean],
-                        [100 * p[metric] if p.get(metric) is not None else float("nan") for p in mean],
-                        color=colour, linewidth=2.2, marker="o", markersize=3,
+                ax.plot([p["step"] for p in mean], _percent(mean, metric), color=colour, linewidth=2.2, marker="o", markersize=3,
                         label=f"{label} (mean of {len(replicates)} seeds)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"val {metric}")

@@ -87,11 +87,17 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (official betas/eps: torch defaults) or SGD with ``momentum`` over :func:`parameter_groups`."""
     groups = parameter_groups(model, cfg)
+    # On CPU torch defaults to a per-tensor Python loop; its fused CPU kernel gives the same
+    # update up to rounding (1 ulp) ~5x faster: 9 of 79 ms in a mini training step. On GPUs
+    # the torch default (foreach, as the official code ran) is kept.
+    on_cpu = all(p.device.type == "cpu" for group in groups for p in group["params"])
+    impl = {"fused": True} if on_cpu else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, **impl)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
 
 
 class WarmupMultiStepLR:

@@ -30,6 +30,11 @@ def register(subparsers: Any) -> None:
         help="pycocotools is the reference; faster-coco-eval gives the same numbers faster",
     )  # fmt: skip
     parser.add_argument("--out", metavar="METRICS.json", help="also write the metrics here (atomically)")
+    parser.add_argument(
+        "--breakdown", action="store_true",
+        help="also AP50 / recall at IoU 0.5 by area, per category and class-agnostic, and a "
+             "confusion matrix of medium and large objects (where AP is lost: boxes or classes)",
+    )  # fmt: skip
     parser.set_defaults(func=_handle_score)
 
 
@@ -38,7 +43,12 @@ def _handle_score(args: argparse.Namespace) -> int:
 
     metrics, summary = score_with_log(args.gt, args.dets, backend=args.backend)
     log.debug("%s summary:\n%s", args.backend, summary)
-    payload = metrics_to_json(metrics)
+    payload: dict[str, Any] = dict(metrics_to_json(metrics))
+    if args.breakdown:
+        from replic.eval.breakdown import breakdown, format_breakdown
+
+        payload["breakdown"] = breakdown(args.gt, args.dets)
+        log.info("breakdown:\n%s", format_breakdown(payload["breakdown"]))
     if args.out:
         write_json_atomic(args.out, payload)
         log.info("wrote %s", args.out)

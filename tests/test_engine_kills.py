@@ -86,6 +86,21 @@ def _steps(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+def _fresh_temp_file(run_dir: Path, target: str) -> bool:
+    """Whether a temporary file ``target…`` exists in one of the folders the writers use.
+
+    A scandir of the three folders, not an rglob of the tree: a small checkpoint is written in
+    about a millisecond, and a slow poll let a write slip by (the run then finished unkilled)."""
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "eval"):
+        try:
+            with os.scandir(folder) as entries:
+                if any(e.name.startswith(target) and e.name.endswith(".tmp") for e in entries):
+                    return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def _kill_at(proc: subprocess.Popen, run_dir: Path, rng: random.Random, target: str | None) -> str:
     """SIGKILL ``proc`` at a random moment of training (after 1–2 more logged steps plus a random
     fraction of a second: wall-clock times would drift with the machine's load), or as soon as a
@@ -95,16 +110,17 @@ def _kill_at(proc: subprocess.Popen, run_dir: Path, rng: random.Random, target: 
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if target:
-            fresh = [p for p in _temp_files(run_dir) if p.name.startswith(target)] if run_dir.exists() else []
-            if fresh:
-                time.sleep(rng.uniform(0, 0.01))  # spread the kills over the write
+            if _fresh_temp_file(run_dir, target):
+                time.sleep(rng.uniform(0, 0.001))  # spread the kills over the write
                 proc.kill()
                 return f"during write of {target.strip('.')}"
+            time.sleep(0.0001)
         elif _steps(run_dir) >= goal or (run_dir / "checkpoint_final.pt").exists():
             time.sleep(extra)
             proc.kill()
             return "at random time"
-        time.sleep(0.001)
+        else:
+            time.sleep(0.001)
     if proc.poll() is None:
         proc.kill()
         return "timed out"
@@ -125,7 +141,7 @@ def test_random_sigkills_never_leave_unreadable_files_and_the_rerun_is_bit_ident
         how = _kill_at(proc, out, rng, target)
         _, err = proc.communicate(timeout=120)
         log.append(how)
-        assert how.startswith(("during", "at random", "not killed")), (how, err[-3000:])
+        assert how.startswith(("during", "at random", "not killed")), (log, err[-3000:])
         assert_readable(out)
         if (out / "done.json").exists():
             break  # finished before this kill: nothing left to interrupt

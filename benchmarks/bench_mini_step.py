@@ -1,0 +1,141 @@
+"""A mini-scale training step on one CPU thread, split into its parts, before vs after the
+engine's CPU fast paths — side by side in one run, blocks interleaved (noisy machines).
+
+The step of ``replic train --scale mini`` with the feature cache (Conditional DETR-R50 row:
+hidden 128, 2 + 2 layers, 30 queries, batch 8, C4 maps of 8x10): per-sample seeding of the data
+RNG, forward + loss + backward, gradient clipping and the AdamW step. Compared:
+
+- seeding: ``torch.manual_seed`` inside ``fork_rng`` (what ``SeededDataset`` did; it also queues
+  lazy CUDA/XPU/MTIA seeding) vs seeding the CPU generator only (what it does now);
+- optimizer: torch's default CPU AdamW (a per-tensor Python loop) vs ``fused=True`` (what
+  ``replic.engine.optim.build_optimizer`` picks on CPU).
+
+Random weights and random maps of the cached shape; nothing is read from disk.
+
+Usage:
+    python benchmarks/bench_mini_step.py [--steps 60] [--rounds 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 8
+
+
+def _build(threads: int):
+    from replic.engine.config import load_experiment
+    from replic.engine.runtime import build_loss
+    from replic.methods import build_method
+
+    torch.set_num_threads(threads)
+    cfg = load_experiment(REPO / "configs/experiments/cdetr_r50_50ep.yaml", "mini",
+                          {"model": {"pretrained_backbone": "none", "num_classes": 8}})
+    torch.manual_seed(0)
+    model = build_method(cfg).build_model()
+    model.train()
+    criterion = build_loss(cfg)
+    return cfg, model, criterion
+
+
+def _batch():
+    from replic.models.backbone import BackboneFeatures
+
+    g = torch.Generator().manual_seed(1)
+    maps = {"C4": torch.randn(BATCH, 256, 8, 10, generator=g)}
+    mask = torch.zeros(BATCH, 128, 160, dtype=torch.bool)
+    targets = []
+    for _ in range(BATCH):
+        n = 3
+        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(0, 8, (n,), generator=g),
+                        "boxes": torch.cat([cxcy, wh], 1)})
+    return BackboneFeatures(maps, (BATCH, 3, 128, 160)), mask, targets
+
+
+def seed_old(seed: int) -> None:
+    py, npst = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+        torch.rand(())
+    random.setstate(py)
+    np.random.set_state(npst)
+
+
+def seed_new(seed: int) -> None:
+    py, npst, st = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.rand(())
+    torch.random.set_rng_state(st)
+    random.setstate(py)
+    np.random.set_state(npst)
+
+
+def time_block(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    cfg, model, criterion = _build(args.threads)
+    images, mask, targets = _batch()
+    weights = criterion.weight_dict
+    params = [p for p in model.parameters() if p.requires_grad]
+    opts = {"default": torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4),
+            "fused": torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=True)}
+
+    def fwd_bwd(_: int) -> None:
+        out = model(images, mask)
+        losses = criterion(out, targets)
+        total = sum(losses[k] * weights[k] for k in losses if k in weights)
+        model.zero_grad(set_to_none=False)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
+
+    fwd_bwd(0)  # gradients exist for the optimizer steps
+    results: dict[str, list[float]] = {k: [] for k in
+                                       ("seed x8 old", "seed x8 new", "fwd+loss+bwd+clip",
+                                        "AdamW default", "AdamW fused")}
+    for _ in range(args.rounds):
+        results["seed x8 old"].append(time_block(lambda i: [seed_old(i * 8 + j) for j in range(8)], args.steps))
+        results["seed x8 new"].append(time_block(lambda i: [seed_new(i * 8 + j) for j in range(8)], args.steps))
+        results["fwd+loss+bwd+clip"].append(time_block(fwd_bwd, args.steps))
+        results["AdamW default"].append(time_block(lambda i: opts["default"].step(), args.steps))
+        results["AdamW fused"].append(time_block(lambda i: opts["fused"].step(), args.steps))
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"mini training step parts, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
+          f"ms (median of rounds; min-max)")
+    print("| part | ms | min-max |\n|---|---|---|")
+    for k, v in results.items():
+        print(f"| {k} | {med[k]:.2f} | {min(v):.2f}-{max(v):.2f} |")
+    before = med["seed x8 old"] + med["fwd+loss+bwd+clip"] + med["AdamW default"]
+    after = med["seed x8 new"] + med["fwd+loss+bwd+clip"] + med["AdamW fused"]
+    print(f"| step before (old seeding + default AdamW) | {before:.2f} | |")
+    print(f"| step after (CPU-generator seeding + fused AdamW) | {after:.2f} | |")
+    print(f"speed-up of a step: {before / after:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

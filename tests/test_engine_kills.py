@@ -103,7 +103,8 @@ def _fresh_temp_file(run_dir: Path, target: str) -> bool:
 
 def _kill_at(proc: subprocess.Popen, run_dir: Path, rng: random.Random, target: str | None) -> str:
     """SIGKILL ``proc`` at a random moment of training (after 1–2 more logged steps plus a random
-    fraction of a second: wall-clock times would drift with the machine's load), or as soon as a
+    fraction of a second, cut short when one more step is logged: wall-clock times would drift with
+    the machine's speed), or as soon as a
     temporary file named ``target…`` appears, i.e. while that file is being written."""
     goal = _steps(run_dir) + rng.randint(1, 2)
     extra = rng.uniform(0, 0.3)
@@ -116,7 +117,12 @@ def _kill_at(proc: subprocess.Popen, run_dir: Path, rng: random.Random, target: 
                 return f"during write of {target.strip('.')}"
             time.sleep(0.0001)
         elif _steps(run_dir) >= goal or (run_dir / "checkpoint_final.pt").exists():
-            time.sleep(extra)
+            # A random moment within the next step, never past it: a fixed extra sleep let a fast
+            # machine run several more steps, so the run could finish before the kills aimed at
+            # the end-of-run writes (the test then failed on a machine faster than the one tuned on).
+            until = time.monotonic() + extra
+            while time.monotonic() < until and _steps(run_dir) <= goal and proc.poll() is None:
+                time.sleep(0.001)
             proc.kill()
             return "at random time"
         else:

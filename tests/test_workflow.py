@@ -243,9 +243,24 @@ def test_smoke_run_of_the_ablation_table(tmp_path: Path) -> None:
     assert report.returncode == 0, report.stderr[-3000:]
     html = (workdir / "results" / "report.html").read_text()
     assert "table_cdetr_ablations.csv" in html and "table_cdetr_ablations_ap.png" in html
-    # An edited scale file rebuilds the overlay and so retrains every run (never the stale copy).
+    # Configs compare by content: a comment in the scale file or an experiment reruns nothing ...
     scale_file = workdir / "configs" / "scales" / "smoke.yaml"
-    scale_file.write_text(scale_file.read_text() + "\n# edited\n")
+    scale_file.write_text(scale_file.read_text() + "\n# a comment\n")
+    experiment = workdir / "configs" / "experiments" / f"{runs[0]}.yaml"
+    experiment.write_text(experiment.read_text() + "\n# a comment\n")
+    touched = snakemake(workdir, "-n", "--cores", "2", "results/table_cdetr_ablations.csv")
+    assert "Nothing to be done" in touched.stdout + touched.stderr, touched.stdout[-3000:]
+    # ... a changed value in the scale file rebuilds the overlay and retrains every run (never
+    # the stale copy) ...
+    scale_file.write_text(scale_file.read_text() + "seed: 7\n")
     stale = snakemake(workdir, "-n", "--cores", "2", "results/table_cdetr_ablations.csv")
     counts = job_counts(stale.stdout)
     assert counts["scale_overlay"] == 1 and counts["train"] == len(runs), counts
+    # ... and one in a base file an experiment extends (not itself an input) retrains its runs:
+    # the four DETR rows extend base/detr.yaml, the Conditional DETR rows do not.
+    scale_file.write_text(scale_file.read_text().replace("seed: 7\n", ""))
+    base = workdir / "configs" / "experiments" / "base" / "detr.yaml"
+    base.write_text(base.read_text() + "\nseed: 8\n")
+    stale = snakemake(workdir, "-n", "--cores", "2", "results/table_cdetr_ablations.csv")
+    counts = job_counts(stale.stdout)
+    assert "scale_overlay" not in counts and counts["train"] == sum(r.startswith("detr_") for r in runs), counts

@@ -281,18 +281,22 @@ def train_annotation_file(data: DataConfig) -> Path:
     return Path(data.root) / "annotations" / f"instances_{data.train_split}.json"
 
 
-def resolve_raw(config_path: str | Path, scale: str | None = None) -> dict[str, Any]:
+def resolve_raw(config_path: str | Path, scale: str | None = None,
+                overlay: dict[str, Any] | None = None) -> dict[str, Any]:
     """Experiment YAML (+ extends chain) with the scale overlay merged in, as plain data.
 
     The recorded ``scale`` is the overlay's own ``scale:`` key when it has one (so a copied
     overlay such as the workflow's ``runs/smoke/scale.yaml`` still says ``smoke``), else
-    the scale name or the overlay file's stem; ``paper`` without an overlay.
+    the scale name or the overlay file's stem; ``paper`` without an overlay. ``overlay``: the
+    overlay's contents, given instead of reading the file ``scale`` names.
     """
     raw = load_with_extends(config_path)
     per_scale = _pop_scale_overrides(raw, config_path)
     raw.setdefault("scale", "paper")
-    if scale is not None:
-        overlay = load_with_extends(find_scale_file(scale, config_path))
+    if scale is not None or overlay is not None:
+        if overlay is None:
+            overlay = load_with_extends(find_scale_file(scale, config_path))
+        scale = scale or "overlay"
         raw = deep_merge(raw, family_overlay(overlay, model_family_name(raw)))
         if "scale" not in overlay:
             raw["scale"] = scale if scale in SCALE_NAMES else Path(scale).stem

@@ -6,6 +6,7 @@ Run by the Snakefile as ``python -m replic.workflow.prepare {check-coco,overlay}
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -93,6 +94,33 @@ def scale_overlay(scale: str, data_root: str, scales_dir: str | Path,
     overlay = deep_merge(base, {"scale": scale, "data": {"root": data_root}, "train": {"eval_at_end": False}})
     # Paths that follow the workflow's layout (mini: the pretrained backbone, the feature cache).
     return deep_merge(overlay, settings or {})
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def overlay_fingerprint(scale: str, data_root: str, scales_dir: str | Path,
+                        settings: dict[str, Any] | None = None) -> str:
+    """sha256 (16 hex digits) of the overlay :func:`scale_overlay` writes, by content."""
+    return _digest(scale_overlay(scale, data_root, scales_dir, settings))
+
+
+def run_fingerprint(experiment: str | Path, scale: str, data_root: str, scales_dir: str | Path,
+                    settings: dict[str, Any] | None = None) -> str:
+    """sha256 (16 hex digits) of the raw config a workflow run resolves to.
+
+    The experiment with its ``extends`` chain and per-scale sizes, merged with the overlay
+    :func:`scale_overlay` writes: what ``replic train`` reads, by content. The workflow reruns a
+    run when this changes (a Snakemake param), not when a config file's time does — so an edited
+    base file reruns its experiments, and a comment-only edit reruns nothing. (The overlay file
+    itself is rebuilt by :func:`overlay_fingerprint` in the same way.)
+    """
+    from replic.engine.config import resolve_raw
+
+    overlay = scale_overlay(scale, data_root, scales_dir, settings)
+    raw = resolve_raw(experiment, scale, overlay=overlay)
+    return _digest(raw)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,20 +165,57 @@ def data_inputs(wildcards):
 
 def overlay_inputs(wildcards):
     """What a scale's overlay depends on: the data stamp, and at mini the pretrained backbone."""
-    # The scale file itself: an edited configs/scales/<scale>.yaml must rebuild the overlay (and so
-    # retrain its runs), never leave them on the stale copy.
+    # The scale file itself, by content (params.content of scale_overlay): a changed value must
+    # rebuild the overlay (and so retrain its runs), never leave them on the stale copy.
     inputs = {"data": f"{RUNS}/{wildcards.scale}/data.json",
-              "scale": f"{config['scales_dir']}/{wildcards.scale}.yaml"}
+              "scale": ancient(f"{config['scales_dir']}/{wildcards.scale}.yaml")}
     if wildcards.scale == "mini":
         inputs["backbone"] = MINI_BACKBONE
     return inputs
 
 
+def overlay_settings(scale):
+    """Paths the mini overlay points its runs at (they follow runs_dir), as dotted keys."""
+    if scale == "mini":
+        return {"model.pretrained_backbone": MINI_BACKBONE, "train.feature_cache_dir": MINI_FEATURE_CACHE}
+    return {}
+
+
 def overlay_extra_args(wildcards):
-    """Paths the mini overlay points its runs at (they follow runs_dir)."""
-    if wildcards.scale == "mini":
-        return f"--set model.pretrained_backbone={MINI_BACKBONE} --set train.feature_cache_dir={MINI_FEATURE_CACHE}"
-    return ""
+    return " ".join(f"--set {key}={value}" for key, value in overlay_settings(wildcards.scale).items())
+
+
+def _overlay_args(wildcards):
+    from replic.workflow.prepare import dotted_settings
+
+    settings = dotted_settings([f"{k}={v}" for k, v in overlay_settings(wildcards.scale).items()])
+    return wildcards.scale, data_root(wildcards.scale), config["scales_dir"], settings
+
+
+def overlay_fingerprint(wildcards):
+    """The scale overlay by content (a param of scale_overlay, whose scale file is an ancient()
+    input): a comment in configs/scales/<scale>.yaml rebuilds nothing, a changed value rebuilds
+    the overlay and so reruns every run of the scale (their overlay input is by time)."""
+    from replic.workflow.prepare import overlay_fingerprint as fingerprint
+
+    return fingerprint(*_overlay_args(wildcards))
+
+
+def run_fingerprint(wildcards):
+    """The run's resolved config by content (replic.workflow.prepare.run_fingerprint).
+
+    A param of train and evaluate, whose experiment file is an ancient() input: Snakemake reruns a
+    run when what it resolves to changes — its experiment, a base file it extends (not an input
+    at all) — and not when a file is only touched or its comments edited. (Snakemake skips the
+    params check of jobs downstream of a job that reruns, so the overlay stays a by-time input:
+    a rebuilt overlay reruns its runs through it.)
+    """
+    from replic.workflow.prepare import run_fingerprint as fingerprint
+
+    try:
+        return fingerprint(experiment_config(wildcards), *_overlay_args(wildcards))
+    except (ConfigError, FileNotFoundError) as err:
+        raise WorkflowError(f"experiment '{wildcards.experiment}' at scale {wildcards.scale}: {err}") from None
 
 
 def fail_guard(wildcards):

@@ -98,6 +98,7 @@ rule scale_overlay:
         root=lambda wildcards: data_root(wildcards.scale),
         scales_dir=config["scales_dir"],
         extra=overlay_extra_args,
+        content=overlay_fingerprint,
     log:
         f"{RUNS}/{{scale}}/logs/scale_overlay.log",
     conda:

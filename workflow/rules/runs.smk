@@ -10,7 +10,8 @@ rule train:
     run is kept) unless config force_retrain is true, which starts the run afresh.
     """
     input:
-        config=experiment_config,
+        # The experiment by content (params.resolved): touching or re-commenting it reruns nothing.
+        config=ancient(experiment_config),
         overlay=f"{RUNS}/{{scale}}/scale.yaml",
         data=f"{RUNS}/{{scale}}/data.json",
         # Distillation: the teacher's run (read by the method from the sibling run directory).
@@ -22,6 +23,7 @@ rule train:
         checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",
     params:
         out=run_dir,
+        resolved=run_fingerprint,
         fail=fail_guard,
         force="--force" if config.get("force_retrain") else "",
     log:
@@ -57,7 +59,7 @@ rule train:
 rule evaluate:
     """COCO evaluation of the final checkpoint on the val split (one GPU at paper scale)."""
     input:
-        config=experiment_config,
+        config=ancient(experiment_config),
         overlay=f"{RUNS}/{{scale}}/scale.yaml",
         checkpoint=f"{RUNS}/{{scale}}/{{experiment}}/checkpoint_final.pt",
     output:
@@ -65,6 +67,7 @@ rule evaluate:
         detections=f"{RUNS}/{{scale}}/{{experiment}}/eval/detections.json",
     params:
         out=lambda wildcards: f"{run_dir(wildcards)}/eval",
+        resolved=run_fingerprint,
     log:
         f"{RUNS}/{{scale}}/{{experiment}}/logs/eval.log",
     benchmark:

@@ -10,39 +10,16 @@ and the classes are wrong (at mini scale: 51.7 vs 36.1, docs/mini.md).
 
 from __future__ import annotations
 
-import contextlib
-import io
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from replic.eval.coco_eval import _empty_results, load_detections, load_ground_truth
+from replic.eval.coco_eval import load_detections, load_ground_truth, pycocotools_evaluator
 
 AREAS: tuple[str, ...] = ("all", "small", "medium", "large")
-
-
-def _evaluate(gt: dict[str, Any], dets: list[dict[str, Any]], use_cats: bool) -> Any:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = {k: (list(v) if isinstance(v, list) else v) for k, v in gt.items()}
-        coco_gt.dataset["annotations"] = [dict(a) for a in gt["annotations"]]
-        coco_gt.createIndex()
-        if dets:
-            coco_dt = coco_gt.loadRes([dict(d) for d in dets])
-        else:
-            coco_dt = COCO()
-            coco_dt.dataset = _empty_results(gt)
-            coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        evaluator.params.useCats = int(use_cats)
-        evaluator.evaluate()
-        evaluator.accumulate()
-    return evaluator
 
 
 def _mean_valid(values: np.ndarray) -> float | None:
@@ -52,7 +29,8 @@ def _mean_valid(values: np.ndarray) -> float | None:
 
 def ap50_by_area(gt: dict[str, Any], dets: list[dict[str, Any]], use_cats: bool) -> dict[str, Any]:
     """AP50 and recall at IoU 0.5 (100 detections per image) for each area range."""
-    evaluator = _evaluate(gt, dets, use_cats)
+    # Copies: pycocotools writes into its inputs, and each dataset is scored twice.
+    evaluator = pycocotools_evaluator(copy.deepcopy(gt), copy.deepcopy(dets), use_cats=use_cats)
     iou_index = int(np.argmin(np.abs(evaluator.params.iouThrs - 0.5)))
     max_dets = len(evaluator.params.maxDets) - 1  # 100
     precision = evaluator.eval["precision"]  # [T, R, K, A, M]

@@ -200,12 +200,17 @@ def _empty_results(gt_dataset: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _score_pycocotools(gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str) -> tuple[list[float], str]:
+def pycocotools_evaluator(gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str = "bbox",
+                          use_cats: bool = True, log: io.StringIO | None = None) -> Any:
+    """A pycocotools ``COCOeval`` over validated inputs, evaluated and accumulated (stdout to ``log``).
+
+    ``use_cats=False`` scores class-agnostically. pycocotools writes into ``gt`` and ``dets``:
+    pass copies that are not used again.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
+    with contextlib.redirect_stdout(log if log is not None else io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
@@ -216,8 +221,16 @@ def _score_pycocotools(gt: dict[str, Any], dets: list[dict[str, Any]], iou_type:
             coco_dt.dataset = _empty_results(gt)
             coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        evaluator.params.useCats = int(use_cats)
         evaluator.evaluate()
         evaluator.accumulate()
+    return evaluator
+
+
+def _score_pycocotools(gt: dict[str, Any], dets: list[dict[str, Any]], iou_type: str) -> tuple[list[float], str]:
+    log = io.StringIO()
+    evaluator = pycocotools_evaluator(gt, dets, iou_type, log=log)
+    with contextlib.redirect_stdout(log):
         evaluator.summarize()
     return [float(v) for v in evaluator.stats[: len(METRIC_NAMES)]], log.getvalue()
 

@@ -1,7 +1,8 @@
 """Shared pytest set-up.
 
 Guards against a silent pass: when REPLIC_MIN_TESTS is set (the README's test command
-and CI set it), collecting fewer tests than that is an error, not success.
+and CI set it), collecting fewer tests than that is an error, not success. Under
+pytest-xdist (``-n``) the check runs once, in the controller, on each worker's collection.
 """
 
 from __future__ import annotations
@@ -11,14 +12,24 @@ import os
 import pytest
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
+def _check_collected(collected: int, config: pytest.Config) -> None:
     minimum = int(os.environ.get("REPLIC_MIN_TESTS", "0"))
-    collected = len(session.items)
-    if minimum and collected < minimum and not session.config.option.collectonly:
+    if minimum and collected < minimum and not config.option.collectonly:
         raise pytest.UsageError(
             f"only {collected} tests collected, expected at least {minimum}: "
             "a test module failed to import or the test paths are wrong"
         )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks
+        return
+    _check_collected(len(session.items), session.config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    _check_collected(len(ids), node.config)
 
 
 @pytest.fixture(autouse=True)

@@ -42,6 +42,8 @@ class PretrainOptions:
     eval_max_size: int = 160
     calib_batches: int = 32
     val_batches: int = 8
+    # Weight of the per-box classification term (0: off; see replic.models.dense_pretrain).
+    roi_cls_weight: float = 0.0
 
     def validate(self) -> None:
         """Reject impossible settings before any data is read (ValueError naming the option)."""
@@ -50,6 +52,8 @@ class PretrainOptions:
                 raise ValueError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr: must be positive, got {self.lr}")
+        if self.roi_cls_weight < 0:
+            raise ValueError(f"--roi-cls-weight: must be >= 0, got {self.roi_cls_weight}")
         if self.backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
             raise ValueError(f"--backbone: unknown ResNet {self.backbone!r}")
         for split in ("train", "val"):
@@ -100,7 +104,7 @@ def pretrain_backbone(opts: PretrainOptions, out: str | Path, progress: bool = T
     from replic.engine.checkpoint import atomic_torch_save
     from replic.engine.runtime import seed_everything, set_determinism
     from replic.io import atomic_write_json
-    from replic.models.dense_pretrain import DensePretrainNet, dense_loss, dense_targets
+    from replic.models.dense_pretrain import DensePretrainNet, box_class_targets, dense_loss, dense_targets
 
     opts.validate()
     out = Path(out)
@@ -110,7 +114,7 @@ def pretrain_backbone(opts: PretrainOptions, out: str | Path, progress: bool = T
     train_set = build_dataset(_data_config(opts, True), "train")
     class_ids = sorted(train_set.categories)
     class_index = {cid: i for i, cid in enumerate(class_ids)}
-    net = DensePretrainNet(opts.backbone, len(class_ids))
+    net = DensePretrainNet(opts.backbone, len(class_ids), roi_cls=opts.roi_cls_weight > 0)
     trainable = [p for n, p in net.named_parameters() if not n.startswith(("resnet.layer4", "resnet.fc"))]
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
 
@@ -127,7 +131,15 @@ def pretrain_backbone(opts: PretrainOptions, out: str | Path, progress: bool = T
                                                 size=outputs["heatmap"].shape[-2:]) > 0
         targets["valid"] &= valid
         targets["inside"] &= valid
-        return dense_loss(outputs, targets)
+        terms = dense_loss(outputs, targets)
+        if opts.roi_cls_weight > 0:
+            boxes, labels = box_class_targets(batch.targets, class_index)
+            if len(labels):
+                logits = net.classify_boxes(outputs["c4"], boxes)
+                terms["loss_roi_cls"] = opts.roi_cls_weight * torch.nn.functional.cross_entropy(logits, labels)
+            else:
+                terms["loss_roi_cls"] = outputs["c4"].sum() * 0.0
+        return terms
 
     net.train()
     step, epoch, sums, t0 = 0, 0, {}, time.time()
@@ -221,7 +233,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = PretrainOptions(data_root=args.data, backbone=args.backbone, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           roi_cls_weight=args.roi_cls_weight)
     pretrain_backbone(opts, args.out, progress=not args.no_progress)
     return 0
 
@@ -242,6 +255,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate, cosine decay (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and init")
+    p.add_argument("--roi-cls-weight", type=float, default=0.0,
+                   help="weight of the per-box classification term on ROI-aligned C4 features (default 0: off)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(func=_run)

@@ -9,7 +9,11 @@ split with per-cell targets on its stride-16 C4 map, CenterNet-style and FCOS-st
 * ``occupancy`` (1, h, w): is the cell centre inside some box (BCE);
 * ``ltrb``      (4, h, w): distances from the cell centre to the box sides, in log space,
   for cells inside a box (the smallest box wins), L1 weighted by the centreness target;
-* ``centreness`` (1, h, w): FCOS centreness of those cells (BCE).
+* ``centreness`` (1, h, w): FCOS centreness of those cells (BCE);
+* ``roi_class`` (optional, ``roi_cls=True``): each ground-truth box's class from its C4
+  features, ROI-aligned to 2 x 2 cells, by a small MLP (cross-entropy). The heatmap alone
+  leaves the frozen map weakly class-discriminative (a linear probe on box features: 46 %
+  val accuracy over 8 shapes), and the mini detector's errors are mostly the wrong class.
 
 The trunk is torchvision's ResNet with *ordinary* BatchNorm (so it trains), and its state
 dict uses torchvision names; after training the BN running statistics are what
@@ -26,10 +30,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.ops import roi_align
 
 STRIDE = 16  # C4 of a ResNet
 # Distances are regressed as log(d / LTRB_SCALE) (pixels).
 LTRB_SCALE = 32.0
+ROI_SIZE = 2  # ROI-align output (cells) of the box classifier
 
 
 class DensePretrainNet(nn.Module):
@@ -39,9 +45,10 @@ class DensePretrainNet(nn.Module):
         name: torchvision ResNet (``resnet18`` / ``resnet34`` / ``resnet50``).
         num_classes: heatmap channels (contiguous class indices 0..K-1).
         head_dim: hidden channels of the head.
+        roi_cls: add the per-box classifier (``classify_boxes``).
     """
 
-    def __init__(self, name: str, num_classes: int, head_dim: int = 128) -> None:
+    def __init__(self, name: str, num_classes: int, head_dim: int = 128, roi_cls: bool = False) -> None:
         super().__init__()
         self.resnet = getattr(torchvision.models, name)(weights=None)
         self.num_classes = num_classes
@@ -55,6 +62,10 @@ class DensePretrainNet(nn.Module):
         # CenterNet's prior on the heatmap logits, so the focal loss starts sensibly.
         with torch.no_grad():
             self.head[-1].bias[: num_classes + 1].fill_(-math.log((1 - 0.01) / 0.01))
+        self.roi_head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c4 * ROI_SIZE * ROI_SIZE, 2 * head_dim), nn.ReLU(inplace=True),
+            nn.Linear(2 * head_dim, num_classes),
+        ) if roi_cls else None
 
     def c4(self, images: Tensor) -> Tensor:
         """The stride-16 map (B, C, h, w)."""
@@ -63,11 +74,20 @@ class DensePretrainNet(nn.Module):
         return r.layer3(r.layer2(r.layer1(x)))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """→ ``heatmap`` / ``occupancy`` / ``centreness`` logits and ``ltrb`` log-distances."""
-        out = self.head(self.c4(images))
+        """→ ``heatmap`` / ``occupancy`` / ``centreness`` logits, ``ltrb`` log-distances, and the
+        ``c4`` map itself (for ``classify_boxes``)."""
+        c4 = self.c4(images)
+        out = self.head(c4)
         k = self.num_classes
         return {"heatmap": out[:, :k], "occupancy": out[:, k:k + 1], "ltrb": out[:, k + 1:k + 5],
-                "centreness": out[:, k + 5:k + 6]}
+                "centreness": out[:, k + 5:k + 6], "c4": c4}
+
+    def classify_boxes(self, c4: Tensor, boxes_xyxy: list[Tensor]) -> Tensor:
+        """Class logits (N, K) of the boxes (pixels, one (n_i, 4) tensor per image) from ``c4``."""
+        if self.roi_head is None:
+            raise RuntimeError("DensePretrainNet was built without roi_cls")
+        rois = roi_align(c4, boxes_xyxy, output_size=ROI_SIZE, spatial_scale=1.0 / STRIDE, aligned=True)
+        return self.roi_head(rois)
 
     def backbone_state_dict(self) -> dict[str, Tensor]:
         """The ResNet weights under torchvision names, without ``fc`` and BN batch counters."""
@@ -126,6 +146,17 @@ def dense_targets(targets: list[dict[str, Any]], shape: tuple[int, int], class_i
     inside &= valid
     return {"heatmap": heat, "occupancy": occ, "ltrb": ltrb, "centreness": ctr, "inside": inside,
             "valid": valid}
+
+
+def box_class_targets(targets: list[dict[str, Any]], class_index: dict[int, int]) -> tuple[list[Tensor], Tensor]:
+    """Per image (n_i, 4) pixel xyxy boxes and the (N,) contiguous class indices, for ``classify_boxes``."""
+    boxes, labels = [], []
+    for t in targets:
+        img_h, img_w = (int(v) for v in t["size"])
+        b = t["boxes"].float() * torch.tensor([img_w, img_h, img_w, img_h], dtype=torch.float32)
+        boxes.append(torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], dim=1))
+        labels += [class_index[int(label)] for label in t["labels"]]
+    return boxes, torch.tensor(labels, dtype=torch.long)
 
 
 def centernet_focal(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:

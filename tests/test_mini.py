@@ -50,7 +50,7 @@ def pretrained(mini_data, tmp_path_factory) -> Path:
     """A short dense pretraining shared by the tests of this module."""
     out = tmp_path_factory.mktemp("backbone") / "resnet18_dense.pt"
     pretrain_backbone(PretrainOptions(data_root=str(mini_data), steps=PRETRAIN_STEPS, batch_size=8,
-                                      calib_batches=8, val_batches=2), out, progress=False)
+                                      calib_batches=8, val_batches=2, roi_cls_weight=1.0), out, progress=False)
     return out
 
 
@@ -61,6 +61,8 @@ def test_pretrained_weights_record_their_provenance_and_load_into_the_mini_backb
     assert len(record["sha256"]) == 64 and record["git"]
     # Val losses below the untrained head's (heatmap focal loss starts at ~3-4 with the 0.01 prior).
     assert record["val_losses"]["loss_heatmap"] < 3.0
+    # The per-box class term (config/config.yaml mini_pretrain.roi_cls_weight) ran and is recorded.
+    assert record["options"]["roi_cls_weight"] == 1.0 and "loss_roi_cls" in record["val_losses"]
     cfg = load_experiment(EXPERIMENT, "mini", {"data": {"root": str(mini_data)},
                                                "model": {"pretrained_backbone": str(pretrained)}})
     from replic.models.build import build_model

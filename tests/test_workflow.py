@@ -139,6 +139,24 @@ def test_smoke_dag_synthesises_data_and_needs_no_gpu(tmp_path: Path) -> None:
     assert "gpu=0" in result.stdout and "gpu=8" not in result.stdout
 
 
+def test_mini_dag_pretrains_the_backbone_once_with_its_configured_task_and_threads(tmp_path: Path) -> None:
+    """Every mini run of the table waits for one pretraining job, which gets the class term and the
+    threads of config mini_pretrain (capped by --cores, as Snakemake caps a rule's threads)."""
+    workdir = copy_workflow(tmp_path / "wf")
+    result = snakemake(workdir, "-n", "-p", "--cores", "2", "results/table_cdetr_ablations.csv",
+                       "--config", "scale=mini")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["synth_mini_data"] == 1 and counts["pretrain_backbone"] == 1 and counts["train"] == 15
+    command = next(line for line in result.stdout.splitlines() if "replic pretrain-backbone" in line)
+    assert "--roi-cls-weight 1.0" in command and "--threads 2" in command and "OMP_NUM_THREADS=2" in command
+    one_core = snakemake(workdir, "-n", "-p", "--cores", "1", "runs/mini/backbone/resnet18_dense.pt",
+                         "--config", "scale=mini")
+    assert one_core.returncode == 0, one_core.stdout + one_core.stderr
+    command = next(line for line in one_core.stdout.splitlines() if "replic pretrain-backbone" in line)
+    assert "--threads 1" in command and "OMP_NUM_THREADS=1" in command
+
+
 def test_smoke_dag_of_attention_figures(tmp_path: Path) -> None:
     """The figures target renders every run of the table, and DETR vs Conditional DETR once."""
     workdir = copy_workflow(tmp_path / "wf")

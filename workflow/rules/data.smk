@@ -43,7 +43,9 @@ rule synth_mini_data:
 
 rule pretrain_backbone:
     """The mini scale's frozen ResNet-18: dense (CenterNet/FCOS-style) pretraining on the mini
-    train split, once; writes the weights and <weights>.provenance.json. One thread, deterministic."""
+    train split, once; writes the weights and <weights>.provenance.json. Deterministic for a
+    thread count (recorded in the provenance). Every mini run waits for it, so it may take
+    all the cores (mini_pretrain.threads, at most --cores)."""
     input:
         train=MINI_TRAIN_ANN,
         val=MINI_VAL_ANN,
@@ -55,20 +57,22 @@ rule pretrain_backbone:
         steps=config["mini_pretrain"]["steps"],
         batch_size=config["mini_pretrain"]["batch_size"],
         seed=config["mini_pretrain"]["seed"],
+        roi_cls_weight=config["mini_pretrain"]["roi_cls_weight"],
     log:
         f"{RUNS}/mini/logs/pretrain_backbone.log",
     benchmark:
         f"{RUNS}/mini/logs/pretrain_backbone.benchmark.tsv"
-    threads: 1
+    threads: config["mini_pretrain"]["threads"]
     resources:
         mem_mb=6000,
         runtime=90,
     conda:
         ENV
     shell:
-        "export OMP_NUM_THREADS=1; "
+        "export OMP_NUM_THREADS={threads}; "
         "replic pretrain-backbone --data {params.root} --out {output.weights} --steps {params.steps}"
-        " --batch-size {params.batch_size} --seed {params.seed} --threads 1 > {log} 2>&1"
+        " --batch-size {params.batch_size} --seed {params.seed} --roi-cls-weight {params.roi_cls_weight}"
+        " --threads {threads} > {log} 2>&1"
 
 
 rule check_data:

@@ -23,34 +23,31 @@ SIZE_BINS = (("small (< 16 px)", 0.0, 16.0), ("medium (16-32 px)", 16.0, 32.0), 
 
 def box_features(weights: str, data_root: str, split: str, max_images: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features (N, 1024), contiguous labels (N,), box side sqrt(w h) in px (N,)) of a split."""
-    import torchvision
     from torchvision.ops import roi_align
 
     from replic.data import build_dataset
     from replic.engine.pretrain import PretrainOptions, _data_config
     from replic.io import load_torch_weights_only
+    from replic.models.dense_pretrain import STRIDE, DensePretrainNet, box_class_targets
 
-    net = torchvision.models.resnet18(weights=None)
-    state = load_torch_weights_only(weights)
-    net.load_state_dict(state["model"] if "model" in state else state, strict=False)
-    net.eval()
     dataset = build_dataset(_data_config(PretrainOptions(data_root=data_root), train=False), split)
     class_index = {cid: i for i, cid in enumerate(sorted(dataset.categories))}
+    net = DensePretrainNet("resnet18", len(class_index))  # only its trunk (``c4``) is used
+    state = load_torch_weights_only(weights)
+    net.resnet.load_state_dict(state["model"] if "model" in state else state, strict=False)
+    net.eval()
     feats, labels, sides = [], [], []
     with torch.no_grad():
         for i in range(min(max_images, len(dataset))):
             image, target = dataset[i]
             if len(target["boxes"]) == 0:
                 continue
-            x = net.maxpool(net.relu(net.bn1(net.conv1(image[None]))))
-            c4 = net.layer3(net.layer2(net.layer1(x)))
-            h, w = (int(v) for v in target["size"])
-            boxes = target["boxes"] * torch.tensor([w, h, w, h], dtype=torch.float32)
-            xyxy = torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=1)
-            feats.append(roi_align(c4, [xyxy], output_size=2, spatial_scale=1 / 16, aligned=True).flatten(1))
-            labels += [class_index[int(label)] for label in target["labels"]]
-            sides.append((boxes[:, 2] * boxes[:, 3]).sqrt())
-    return torch.cat(feats), torch.tensor(labels), torch.cat(sides)
+            boxes, box_labels = box_class_targets([target], class_index)
+            rois = roi_align(net.c4(image[None]), boxes, output_size=2, spatial_scale=1 / STRIDE, aligned=True)
+            feats.append(rois.flatten(1))
+            labels.append(box_labels)
+            sides.append(((boxes[0][:, 2] - boxes[0][:, 0]) * (boxes[0][:, 3] - boxes[0][:, 1])).sqrt())
+    return torch.cat(feats), torch.cat(labels), torch.cat(sides)
 
 
 def probe(weights: str, data_root: str, train_images: int = 2000, val_images: int = 500,

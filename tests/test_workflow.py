@@ -150,6 +150,11 @@ def test_mini_dag_pretrains_the_backbone_once_with_its_configured_task_and_threa
     assert counts["synth_mini_data"] == 1 and counts["pretrain_backbone"] == 1 and counts["train"] == 15
     command = next(line for line in result.stdout.splitlines() if "replic pretrain-backbone" in line)
     assert "--roi-cls-weight 1.0" in command and "--threads 2" in command and "OMP_NUM_THREADS=2" in command
+    # The overlay job checks the backbone against the same options before any run starts.
+    overlay = next(line for line in result.stdout.splitlines() if "replic.workflow.prepare overlay" in line)
+    assert "--backbone runs/mini/backbone/resnet18_dense.pt" in overlay
+    for option in ("steps=1200", "batch_size=16", "seed=0", "roi_cls_weight=1.0"):
+        assert f"--backbone-expect {option}" in overlay
     one_core = snakemake(workdir, "-n", "-p", "--cores", "1", "runs/mini/backbone/resnet18_dense.pt",
                          "--config", "scale=mini")
     assert one_core.returncode == 0, one_core.stdout + one_core.stderr

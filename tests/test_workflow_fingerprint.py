@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
+import pytest
+import yaml
+
+from replic.engine.pretrain import file_sha256, provenance_path
+from replic.workflow.prepare import main as prepare_main
 from replic.workflow.prepare import run_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,3 +77,59 @@ def test_every_registered_experiment_has_a_fingerprint_at_every_workflow_scale()
                                   REPO / "configs" / "scales") for name in names}
         # Distinct experiments resolve to distinct configs (their names differ at least).
         assert len(values) == len(names), scale
+
+
+def _fake_backbone(tmp_path: Path, options: dict) -> Path:
+    """A weights file with the provenance record `replic pretrain-backbone` writes (options, sha256)."""
+    weights = tmp_path / "backbone" / "resnet18_dense.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    record = {"options": {"data_root": "data/mini", "steps": 1200, "batch_size": 16, "seed": 0, **options},
+              "sha256": file_sha256(weights)}
+    provenance_path(weights).write_text(json.dumps(record))
+    return weights
+
+
+def _overlay(tmp_path: Path, weights: Path, *expect: str) -> tuple[int, Path]:
+    (tmp_path / "scales").mkdir(exist_ok=True)
+    (tmp_path / "scales" / "mini.yaml").write_text("scale: mini\nmodel:\n  hidden_dim: 128\n")
+    out = tmp_path / "scale.yaml"
+    args = ["overlay", "--scale", "mini", "--data-root", "data/mini", "--scales-dir", str(tmp_path / "scales"),
+            "--backbone", str(weights), "--out", str(out)]
+    for item in expect:
+        args += ["--backbone-expect", item]
+    return prepare_main(args), out
+
+
+EXPECT = ("steps=1200", "batch_size=16", "seed=0", "roi_cls_weight=1.0")
+
+
+def test_overlay_accepts_a_backbone_made_with_the_configured_options(tmp_path):
+    weights = _fake_backbone(tmp_path, {"roi_cls_weight": 1.0})
+    rc, out = _overlay(tmp_path, weights, *EXPECT)
+    assert rc == 0 and yaml.safe_load(out.read_text())["model"]["hidden_dim"] == 128
+
+
+@pytest.mark.parametrize("options, replace, message", [
+    # Written before the class term existed: the option is absent, so it was the default (off).
+    ({}, False, "options.roi_cls_weight = 0.0, the config asks for 1.0"),
+    ({"roi_cls_weight": 1.0, "steps": 400}, False, "options.steps = 400, the config asks for 1200"),
+    ({"roi_cls_weight": 1.0}, True, "sha256 differs"),
+])
+def test_overlay_refuses_a_stale_backbone_naming_file_and_option(tmp_path, capsys, options, replace, message):
+    """A backbone Snakemake has no record of (made by hand, or before a mini_pretrain change) is
+    refused before any run uses it, and no overlay is written."""
+    weights = _fake_backbone(tmp_path, options)
+    if replace:
+        weights.write_bytes(b"other weights")
+    rc, out = _overlay(tmp_path, weights, *EXPECT)
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists()
+    assert message in err and str(weights) in err and "--forcerun pretrain_backbone" in err
+
+
+def test_overlay_refuses_a_backbone_without_provenance(tmp_path, capsys):
+    weights = _fake_backbone(tmp_path, {"roi_cls_weight": 1.0})
+    provenance_path(weights).unlink()
+    rc, out = _overlay(tmp_path, weights, *EXPECT)
+    assert rc == 1 and not out.exists() and "provenance.json: missing" in capsys.readouterr().err

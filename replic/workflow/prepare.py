@@ -96,6 +96,40 @@ def scale_overlay(scale: str, data_root: str, scales_dir: str | Path,
     return deep_merge(overlay, settings or {})
 
 
+def backbone_mismatches(weights: str | Path, expected: dict[str, Any]) -> list[str]:
+    """How a pretrained backbone file differs from what the workflow config asks for (empty: it fits).
+
+    Compares ``expected`` (pretraining options, e.g. ``{"steps": 1200, "roi_cls_weight": 1.0}``)
+    with the options in ``<weights>.provenance.json`` and the file's sha256 with the recorded one.
+    Snakemake reruns the pretraining when its params change only if it made the file itself; a
+    file made by hand, or before a config change, would otherwise be used stale by every run.
+    """
+    from replic.engine.pretrain import PretrainOptions, file_sha256, provenance_path
+
+    weights = Path(weights)
+    prov_file = provenance_path(weights)
+    if not weights.is_file():
+        return [f"{weights}: no such file"]
+    if not prov_file.is_file():
+        return [f"{prov_file}: missing (no record of how {weights.name} was pretrained)"]
+    try:
+        record = json.loads(prov_file.read_text())
+        options = record["options"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return [f"{prov_file}: unreadable provenance ({type(err).__name__}: {err})"]
+    defaults = PretrainOptions(data_root="")
+    problems = []
+    for key, want in sorted(expected.items()):
+        # Options added after a file was written take their default (what that run used).
+        have = options.get(key, getattr(defaults, key, None))
+        if have != want:
+            problems.append(f"{prov_file}: options.{key} = {have!r}, the config asks for {want!r}")
+    recorded = record.get("sha256")
+    if recorded and recorded != file_sha256(weights):
+        problems.append(f"{weights}: sha256 differs from {prov_file.name} (the file was replaced)")
+    return problems
+
+
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -135,10 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     overlay.add_argument("--scales-dir", required=True)
     overlay.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="one more overlay key, e.g. model.pretrained_backbone=runs/mini/backbone/x.pt")
+    overlay.add_argument("--backbone", help="pretrained backbone whose provenance must match --backbone-expect")
+    overlay.add_argument("--backbone-expect", action="append", default=[], metavar="OPTION=VALUE",
+                         help="a pretraining option the backbone must have been made with (repeatable)")
     overlay.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.step == "check-coco":
         return check_coco(args.root, args.out)
+    if args.backbone:
+        problems = backbone_mismatches(args.backbone, dotted_settings(args.backbone_expect))
+        if problems:
+            print(f"stale pretrained backbone {args.backbone}:\n  - " + "\n  - ".join(problems)
+                  + "\nRebuild it with the workflow config's mini_pretrain options: snakemake --forcerun"
+                  " pretrain_backbone <target> --config scale=mini (or delete the file)",
+                  file=sys.stderr)
+            return 1
     data = scale_overlay(args.scale, args.data_root, args.scales_dir, dotted_settings(args.set))
     write_atomic(args.out, yaml.safe_dump(data, sort_keys=True))
     return 0

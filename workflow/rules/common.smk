@@ -181,8 +181,17 @@ def overlay_settings(scale):
     return {}
 
 
+# The pretraining options a mini backbone must have been made with: the overlay job refuses a
+# stale one (made by hand, or before a config change Snakemake has no record of), before any run.
+BACKBONE_CHECKED_OPTIONS = ("steps", "batch_size", "seed", "roi_cls_weight")
+
+
 def overlay_extra_args(wildcards):
-    return " ".join(f"--set {key}={value}" for key, value in overlay_settings(wildcards.scale).items())
+    args = [f"--set {key}={value}" for key, value in overlay_settings(wildcards.scale).items()]
+    if wildcards.scale == "mini":
+        args.append(f"--backbone {MINI_BACKBONE}")
+        args += [f"--backbone-expect {key}={config['mini_pretrain'][key]}" for key in BACKBONE_CHECKED_OPTIONS]
+    return " ".join(args)
 
 
 def _overlay_args(wildcards):

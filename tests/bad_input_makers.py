@@ -101,3 +101,16 @@ def run_dir_of_other_config(path: Path, data: str, **train: Any) -> None:
     cfg = load_experiment(experiment, "smoke", {"data": {"root": data}, "train": dict(train)})
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=True))
+
+
+@maker
+def run_dir_of_other_inputs(path: Path, data: str) -> None:
+    """A finished run directory (``path``) of the smoke experiment as the row runs it, whose
+    record says it was trained from another train annotation file (other sha256, same path)."""
+    import json
+
+    run_dir_of_other_config(path, data)
+    ann = Path(data) / "annotations" / "instances_train2017.json"
+    record = {"data.root (train annotations)": {"path": str(ann), "sha256": "0" * 64}}
+    (path / "inputs.json").write_text(json.dumps(record))
+    (path / "done.json").write_text("{}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import re
 from pathlib import Path
 
@@ -193,3 +195,56 @@ def test_run_dir_written_before_channels_last_existed_continues(tmp_path, caplog
     other = load_experiment(REPO / "configs/experiments/cdetr_r50_50ep.yaml", "paper", {"train": {"lr": 2e-4}})
     with pytest.raises(RunDirError, match=r"train\.lr"):
         prepare(paths, other, force=False, write=True)
+
+
+def test_run_dir_refuses_to_continue_a_run_whose_input_files_changed(tmp_path):
+    """The config names the pretrained backbone (and the data) by path only: a file rewritten in
+    place must not let a continued run resume checkpoints made from the old file."""
+    from replic.engine.rundir import run_inputs
+
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_train2017.json").write_text('{"images": []}')
+    backbone = tmp_path / "backbone.pt"
+    backbone.write_bytes(b"first weights")
+    cfg = load_experiment(REPO / "configs/experiments/cdetr_r50_50ep.yaml", "paper",
+                          {"data": {"root": str(data)}, "model": {"pretrained_backbone": str(backbone)}})
+    first = run_inputs(cfg)
+    assert sorted(first) == ["data.root (train annotations)", "model.pretrained_backbone"]
+    paths = RunPaths(tmp_path / "run")
+    assert prepare(paths, cfg, force=False, write=True, inputs=first) is False
+    assert json.loads(paths.inputs.read_text()) == first
+    paths.checkpoints.mkdir()
+    paths.last.write_bytes(b"made from the first weights")
+    assert prepare(paths, cfg, force=False, write=True, inputs=run_inputs(cfg)) is True  # unchanged
+    backbone.write_bytes(b"re-pretrained weights")
+    changed = run_inputs(cfg)
+    with pytest.raises(RunDirError, match=r"model\.pretrained_backbone \(.*backbone\.pt\): sha256 \w{12} -> \w{12}"):
+        prepare(paths, cfg, force=False, write=True, inputs=changed)
+    assert paths.last.exists()  # refused: nothing removed
+    # A method's own inputs (a teacher checkpoint) count the same way.
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"teacher")
+    assert "method.teacher" in run_inputs(cfg, {"method.teacher": teacher})
+    assert prepare(paths, cfg, force=True, write=True, inputs=changed) is False
+    assert not paths.last.exists() and json.loads(paths.inputs.read_text()) == changed
+
+
+def test_run_dir_without_an_input_record_is_not_continued_blindly(tmp_path):
+    """A run directory written before inputs were recorded, holding a checkpoint: continuing it
+    could resume a run of other files, so it needs --force; an empty one just gets the record."""
+    from replic.engine.rundir import run_inputs
+
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "instances_train2017.json").write_text('{"images": []}')
+    cfg = load_experiment(REPO / "configs/experiments/cdetr_r50_50ep.yaml", "paper", {"data": {"root": str(data)}})
+    inputs = run_inputs(cfg)
+    paths = RunPaths(tmp_path / "run")
+    prepare(paths, cfg, force=False, write=True)  # an older engine: no record
+    assert not paths.inputs.exists()
+    assert prepare(paths, cfg, force=False, write=True, inputs=inputs) is True  # nothing to continue yet
+    paths.inputs.unlink()
+    paths.done.write_text("{}")
+    with pytest.raises(RunDirError, match="no record of the files it read"):
+        prepare(paths, cfg, force=False, write=True, inputs=inputs)

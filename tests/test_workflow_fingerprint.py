@@ -9,7 +9,8 @@ import json
 import pytest
 import yaml
 
-from replic.engine.pretrain import file_sha256, provenance_path
+from replic.engine.pretrain import provenance_path
+from replic.io import file_sha256
 from replic.workflow.prepare import main as prepare_main
 from replic.workflow.prepare import run_fingerprint
 

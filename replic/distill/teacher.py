@@ -13,7 +13,6 @@ raised by :func:`read_teacher` / :func:`check_teacher_fits` before any training 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from replic.config import ConfigError, from_dict
+from replic.io import file_sha256  # noqa: F401  (re-exported: methods import it from here)
 from replic.models.config import ModelConfig
 
 
@@ -62,15 +62,6 @@ def teacher_path(spec: TeacherSpec, run_dir: str | Path | None) -> Path:
             f"<runs>/<scale>/{spec.experiment}/checkpoint_final.pt, but no run directory is known "
             "(train with `replic train --out RUN_DIR`, or name a file with method.teacher.checkpoint)")
     return Path(run_dir).resolve().parent / str(spec.experiment) / "checkpoint_final.pt"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, read in chunks (teacher checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_teacher(path: str | Path, expect_experiment: str | None = None) -> TeacherCheckpoint:

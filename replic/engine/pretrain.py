@@ -12,13 +12,14 @@ with ``weights_only=True``) and ``OUT.provenance.json``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from replic.io import file_sha256
 
 log = logging.getLogger("replic.pretrain")
 
@@ -60,15 +61,6 @@ class PretrainOptions:
             ann = Path(self.data_root) / "annotations" / f"instances_{split}2017.json"
             if not ann.is_file():
                 raise FileNotFoundError(f"--data {self.data_root}: annotation file not found: {ann}")
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _data_config(opts: PretrainOptions, train: bool) -> Any:

@@ -1,7 +1,9 @@
-"""The run directory: resolved config + hash, and the refusal to mix two configs in one directory."""
+"""The run directory: resolved config + hash, the sha256 of the files the run reads beside its
+config, and the refusal to mix two configs (or two sets of inputs) in one directory."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -11,6 +13,7 @@ import yaml
 
 from replic.config import config_hash, to_dict
 from replic.data.io import atomic_write_bytes
+from replic.io import atomic_write_json, file_sha256
 from replic.engine.config import ExperimentConfig
 
 
@@ -28,6 +31,7 @@ class RunPaths:
         self.root = Path(root)
         self.config = self.root / "config.yaml"
         self.config_hash = self.root / "config.sha256"
+        self.inputs = self.root / "inputs.json"
         self.provenance = self.root / "provenance.json"
         self.metrics = self.root / "metrics.jsonl"
         self.checkpoints = self.root / "checkpoints"
@@ -87,13 +91,62 @@ def remove_stale_temporaries(paths: RunPaths) -> int:
     return removed
 
 
-def prepare(paths: RunPaths, cfg: ExperimentConfig, *, force: bool, write: bool) -> bool:
-    """Check (and, on the main process, write) the run directory's config.
+def run_inputs(cfg: ExperimentConfig, method_files: dict[str, Path] | None = None) -> dict[str, dict[str, str]]:
+    """The files a run reads beside its config, whose content shapes it, with their sha256.
+
+    The config names them by path only, so a file rewritten in place (a re-pretrained backbone,
+    regenerated data, a retrained teacher) leaves the config equal: without this record a
+    continued run would resume checkpoints made from the old file. Keys are the config keys
+    that name the files; missing files are left out (their readers fail with a clear error).
+    """
+    from replic.data import annotation_file
+
+    files: dict[str, Path] = {}
+    backbone = str(getattr(cfg.model, "pretrained_backbone", "none"))
+    if backbone not in ("none", "torchvision"):
+        files["model.pretrained_backbone"] = Path(backbone)
+    files["data.root (train annotations)"] = annotation_file(cfg.data, "train")
+    files.update(method_files or {})
+    return {key: {"path": str(path), "sha256": file_sha256(path)}
+            for key, path in sorted(files.items()) if path.is_file()}
+
+
+def input_differences(old: dict[str, Any] | None, new: dict[str, dict[str, str]]) -> list[str]:
+    """``key: sha256 old -> new`` lines (by content: a moved but equal file is no difference)."""
+    old = old or {}
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a = (old.get(key) or {}).get("sha256", "<absent>")
+        b = (new.get(key) or {}).get("sha256", "<absent>")
+        if a != b:
+            where = (new.get(key) or old.get(key) or {}).get("path", "?")
+            lines.append(f"{key} ({where}): sha256 {a[:12]} -> {b[:12]}")
+    return lines
+
+
+def _stale_inputs(paths: RunPaths, inputs: dict[str, dict[str, str]]) -> list[str]:
+    """Why the directory's run did not read these inputs (empty: it did, or there is nothing to continue)."""
+    if not (paths.last.is_file() or paths.done.is_file()):
+        return []
+    if not paths.inputs.is_file():
+        return [f"no record of the files it read ({paths.inputs}; written before replic recorded "
+                f"them), so a change of {', '.join(inputs)} cannot be ruled out"] if inputs else []
+    try:
+        stored = json.loads(paths.inputs.read_text())
+    except json.JSONDecodeError as err:
+        return [f"{paths.inputs}: unreadable ({err})"]
+    return input_differences(stored, inputs)
+
+
+def prepare(paths: RunPaths, cfg: ExperimentConfig, *, force: bool, write: bool,
+            inputs: dict[str, dict[str, str]] | None = None) -> bool:
+    """Check (and, on the main process, write) the run directory's config and input record.
 
     Returns True when the directory already held this config (a continuation); configs that
     differ only in :data:`LAYOUT_ONLY_KEYS` count as the same (the directory's config is kept).
     A different config is refused unless ``force``, which starts the run afresh
-    (old checkpoints, metrics and results are removed).
+    (old checkpoints, metrics and results are removed). So is the same config whose input files
+    (``inputs``, from :func:`run_inputs`) changed content since the run's checkpoints were made.
     """
     resolved = to_dict(cfg)
     digest = config_hash(cfg)
@@ -115,6 +168,18 @@ def prepare(paths: RunPaths, cfg: ExperimentConfig, *, force: bool, write: bool)
                 f"({paths.config}); differences: " + "; ".join(diffs)
                 + ". Use another --out directory, or --force to start this one afresh."
             )
+    if same and inputs is not None:
+        changed = _stale_inputs(paths, inputs)
+        if changed and not force:
+            raise RunDirError(
+                f"{paths.root} holds a run of this config made from other input files: "
+                + "; ".join(changed)
+                + ". Use another --out directory, or --force to start this one afresh "
+                "(in the workflow: --config force_retrain=true)."
+            )
+        if changed:
+            log.warning("%s: input files changed (%s): starting afresh (--force)", paths.root, "; ".join(changed))
+            same = layout_only = False
     if write and not same:
         for stale in (paths.checkpoints, paths.eval_dir):
             if stale.exists():
@@ -129,4 +194,6 @@ def prepare(paths: RunPaths, cfg: ExperimentConfig, *, force: bool, write: bool)
         text = yaml.safe_dump(resolved, sort_keys=True)
         atomic_write_bytes(paths.config, text.encode())
         atomic_write_bytes(paths.config_hash, (digest + "\n").encode())
+    if write and inputs is not None:
+        atomic_write_json(paths.inputs, inputs)
     return same

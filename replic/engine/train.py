@@ -33,7 +33,7 @@ from replic.engine.checkpoint import (
 from replic.engine.config import ExperimentConfig
 from replic.engine.optim import after_optimizer_step, build_optimizer, build_scheduler
 from replic.engine.progress import MetricsLog, Progress
-from replic.engine.rundir import RunPaths, prepare
+from replic.engine.rundir import RunPaths, prepare, run_inputs
 from replic.engine.runtime import (
     autocast_context,
     build_dataset,
@@ -125,7 +125,10 @@ class Trainer:
         info = distributed.detect()
         self.device = select_device(cfg.train.device, info.local_rank)
         self.dist = distributed.init(self.device.type)
-        same = prepare(self.paths, cfg, force=self.force, write=self.dist.is_main)
+        # The method first: its input files (a teacher checkpoint) are part of the run's identity.
+        self.method = build_method(cfg, run_dir=self.paths.root)
+        self.inputs = run_inputs(cfg, self.method.input_files())
+        same = prepare(self.paths, cfg, force=self.force, write=self.dist.is_main, inputs=self.inputs)
         distributed.barrier()
         if self.resume_requested and not self.paths.last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.paths.last}")
@@ -139,7 +142,6 @@ class Trainer:
         seed_everything(self.process_seed)
 
         # Method inputs (a teacher checkpoint ...) and data first: both fail before the model is built.
-        self.method = build_method(cfg, run_dir=self.paths.root)
         self.method.check_inputs()
         self.dataset = build_dataset(cfg, "train")
         self.steps_per_epoch = EpochBatchSampler(
@@ -183,7 +185,7 @@ class Trainer:
                 seeds={"base": cfg.seed, "per_process": "seed + rank",
                        "this_process": self.process_seed},
                 world_size=self.dist.world_size,
-                extra={"config_hash": config_hash(cfg), "device": str(self.device),
+                extra={"config_hash": config_hash(cfg), "device": str(self.device), "inputs": self.inputs,
                        "method": {"name": self.method.name, **self.method.provenance()},
                        "feature_cache": self.cache_info,
                        "resumed_from": str(self.resume_from) if self.resume_from else None,

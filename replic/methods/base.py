@@ -23,6 +23,7 @@ and runs it plainly: no method-specific work happens at test time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -58,6 +59,13 @@ class TrainingMethod(nn.Module):
 
     def check_inputs(self) -> None:
         """Fail fast (before data and model are built) on bad external inputs. Default: none."""
+
+    def input_files(self) -> dict[str, Path]:
+        """Files outside the config whose content shapes the run (a teacher checkpoint, tokens), by
+        the config key that names them. The engine records their sha256 in the run directory and
+        does not continue a run whose inputs changed (a retrained teacher means a new student run).
+        Default: none."""
+        return {}
 
     def build_model(self) -> nn.Module:
         """The detector this method trains and evaluates (default: the config's detector, built by

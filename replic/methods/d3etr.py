@@ -27,6 +27,7 @@ Loss terms (criterion keys; ``_<l>`` = decoder layer l < L−1, no suffix = last
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -134,6 +135,9 @@ class D3ETR(TrainingMethod):
     @property
     def uses_attention(self) -> bool:
         return "self_attn" in self.options.signals or "cross_attn" in self.options.signals
+
+    def input_files(self) -> dict[str, Path]:
+        return {"method.teacher": teacher_path(self.options.teacher, self.run_dir)}
 
     def check_inputs(self) -> None:
         """Read the teacher checkpoint and check it fits the student, before any data or model."""

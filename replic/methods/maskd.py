@@ -288,6 +288,9 @@ class MaskdTokens(TrainingMethod):
     def check_config(cls, cfg: Any, options: MaskdTokensOptions) -> None:
         _check_cnn(cfg, options.position)
 
+    def input_files(self) -> dict[str, Path]:
+        return {"method.teacher": teacher_path(self.options.teacher, self.run_dir)}
+
     def check_inputs(self) -> None:
         """Read the teacher checkpoint (a missing or foreign file fails here, before any data)."""
         spec = self.options.teacher
@@ -410,6 +413,13 @@ class MasKD(TrainingMethod):
         if spec.random:
             return None
         return teacher_path(TeacherSpec(experiment=spec.experiment, checkpoint=spec.checkpoint), self.run_dir)
+
+    def input_files(self) -> dict[str, Path]:
+        files = {"method.teacher": teacher_path(self.options.teacher, self.run_dir)}
+        tokens = self.token_path()
+        if tokens is not None:
+            files["method.tokens"] = tokens
+        return files
 
     def check_inputs(self) -> None:
         """Read teacher and tokens before any data or model; token count and teacher checked here."""

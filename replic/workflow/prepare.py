@@ -104,7 +104,8 @@ def backbone_mismatches(weights: str | Path, expected: dict[str, Any]) -> list[s
     Snakemake reruns the pretraining when its params change only if it made the file itself; a
     file made by hand, or before a config change, would otherwise be used stale by every run.
     """
-    from replic.engine.pretrain import PretrainOptions, file_sha256, provenance_path
+    from replic.engine.pretrain import PretrainOptions, provenance_path
+    from replic.io import file_sha256
 
     weights = Path(weights)
     prov_file = provenance_path(weights)

@@ -6,8 +6,10 @@ rule train:
 
     `replic train` continues a run directory holding the same resolved config from its
     checkpoints/last.pt, so a run cut by the runtime cap (or a crash) resumes when Snakemake
-    resubmits it (profile `retries`) or is run again. A changed config is refused (the old
-    run is kept) unless config force_retrain is true, which starts the run afresh.
+    resubmits it (profile `retries`) or is run again. A changed config, or the same config with
+    input files of other content (run_dir/inputs.json: a re-pretrained backbone, a retrained
+    teacher), is refused (the old run is kept) unless config force_retrain is true, which starts
+    the run afresh.
     """
     input:
         # The experiment by content (params.resolved): touching or re-commenting it reruns nothing.

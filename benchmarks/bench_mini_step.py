@@ -12,8 +12,11 @@ RNG, forward + loss + backward, gradient clipping and the AdamW step. Compared:
 
 Random weights and random maps of the cached shape; nothing is read from disk.
 
+``--compile`` instead compares the forward + loss + backward + clip of the eager detector with
+``torch.compile(detector)`` (inductor; compilation timed separately), blocks interleaved.
+
 Usage:
-    python benchmarks/bench_mini_step.py [--steps 60] [--rounds 3] [--threads 1]
+    python benchmarks/bench_mini_step.py [--steps 60] [--rounds 3] [--threads 1] [--compile]
 """
 
 from __future__ import annotations
@@ -96,12 +99,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="eager vs torch.compile of the detector")
     args = parser.parse_args()
 
     cfg, model, criterion = _build(args.threads)
     images, mask, targets = _batch()
     weights = criterion.weight_dict
     params = [p for p in model.parameters() if p.requires_grad]
+    if args.compile:
+        compare_compile(cfg, model, criterion, (images, mask, targets), args)
+        return
     opts = {"default": torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4),
             "fused": torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=True)}
 
@@ -135,6 +142,36 @@ def main() -> None:
     print(f"| step before (old seeding + default AdamW) | {before:.2f} | |")
     print(f"| step after (CPU-generator seeding + fused AdamW) | {after:.2f} | |")
     print(f"speed-up of a step: {before / after:.2f}x")
+
+
+def compare_compile(cfg, model, criterion, batch, args) -> None:
+    """Print eager vs ``torch.compile`` ms for forward + loss + backward + clip (same weights)."""
+    images, mask, targets = batch
+    weights = criterion.weight_dict
+    params = [p for p in model.parameters() if p.requires_grad]
+    compiled = torch.compile(model)
+
+    def fwd_bwd(detector) -> None:
+        losses = criterion(detector(images, mask), targets)
+        total = sum(losses[k] * weights[k] for k in losses if k in weights)
+        model.zero_grad(set_to_none=False)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
+
+    t0 = time.perf_counter()
+    fwd_bwd(compiled)  # compiles forward and backward
+    compile_s = time.perf_counter() - t0
+    fwd_bwd(model)
+    results: dict[str, list[float]] = {"eager": [], "torch.compile": []}
+    for _ in range(args.rounds):
+        results["eager"].append(time_block(lambda i: fwd_bwd(model), args.steps))
+        results["torch.compile"].append(time_block(lambda i: fwd_bwd(compiled), args.steps))
+    print(f"mini fwd+loss+bwd+clip, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
+          f"ms (median of rounds; min-max); first compiled step (compilation) {compile_s:.1f} s")
+    print("| detector | ms | min-max |\n|---|---|---|")
+    for k, v in results.items():
+        print(f"| {k} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} |")
+    print(f"speed-up of torch.compile: {statistics.median(results['eager']) / statistics.median(results['torch.compile']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from replic.config import ConfigError, from_dict
-from replic.io import file_sha256  # noqa: F401  (re-exported: methods import it from here)
+from replic.io import file_sha256
 from replic.models.config import ModelConfig
 
 

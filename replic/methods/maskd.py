@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from replic.config import ConfigError
 from replic.distill import TeacherSpec, build_teacher, read_teacher, teacher_facts, teacher_path
-from replic.distill.teacher import TeacherCheckpoint, TeacherError, file_sha256
+from replic.distill.teacher import TeacherCheckpoint, TeacherError
+from replic.io import file_sha256
 from replic.methods.base import TrainingMethod
 
 Position = Literal["fpn", "backbone"]

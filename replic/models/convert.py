@@ -20,7 +20,6 @@ built from those options, and written as a replic checkpoint::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from replic.io import CheckpointReadError, atomic_path, load_torch_weights_only  # noqa: I001
+from replic.io import CheckpointReadError, atomic_path, file_sha256, load_torch_weights_only  # noqa: I001
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +44,6 @@ _OFFICIAL_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
 
 class CheckpointError(ValueError):
     """The checkpoint cannot be converted; the message names the file and the keys."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _torch_load_restricted(path: Path) -> Any:
@@ -257,7 +247,7 @@ def convert_official(path: str | os.PathLike, out: str | os.PathLike) -> dict[st
     source = {
         "format": "official",
         "file": path.name,
-        "sha256": sha256_file(path),
+        "sha256": file_sha256(path),
         "epoch": epoch,
         "args": recorded_args,
     }

@@ -181,3 +181,31 @@ def test_ablation_switches_select_the_terms(tmp_path):
             "d3_fix_gt_loss_giou_1"} <= names
     assert criterion.weight_dict["d3_fix_self_attn"] == 1.0e4 and criterion.weight_dict["d3_fix_gt_loss_ce"] == 2.0
     assert method.provenance()["teacher"]["sha256"] and method.provenance()["options"]["matching"] == "fixed"
+
+
+def test_cached_backbone_maps_give_the_same_d3etr_terms_as_images(tmp_path):
+    """Mini scale: the cached maps of the shared frozen backbone stand in for both models' images;
+    a teacher with another backbone makes the run train from images (the method says why)."""
+    from replic.engine.feature_cache import unsupported_reason
+    from replic.models.backbone import BackboneFeatures
+
+    method, student, criterion = _setup(tmp_path, seed=6)
+    with torch.no_grad():  # a student that differs from its teacher: every term is non-zero
+        for module in (student.class_embed, student.transformer.decoder.layers[0].ca_qcontent_proj):
+            module.weight.add_(0.2 * torch.randn_like(module.weight))
+    assert method.feature_cache_reason(student) is None
+    images, mask, targets = _batch()
+    with torch.no_grad():
+        maps = dict(student.backbone[0].body(images))
+        cached = criterion(method.forward_train(student, BackboneFeatures(maps, tuple(images.shape)), mask, targets),
+                           targets)
+        direct = criterion(method.forward_train(student, images, mask, targets), targets)
+    assert cached.keys() == direct.keys() and any(k.startswith("d3_fix_") for k in cached)
+    for key, value in direct.items():
+        assert float(value) > 0, key
+        torch.testing.assert_close(cached[key], value, rtol=1e-5, atol=1e-7, msg=key)
+    assert unsupported_reason(method.cfg) is None
+
+    (tmp_path / "other").mkdir()
+    other, other_student, _ = _setup(tmp_path / "other", student_model=MODEL, seed=2)
+    assert "teacher's backbone differs" in other.feature_cache_reason(other_student)

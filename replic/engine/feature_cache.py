@@ -42,16 +42,19 @@ CACHE_FORMAT = 1
 def unsupported_reason(cfg: Any) -> str | None:
     """Why this experiment trains uncached although ``train.feature_cache`` is on (None: it can use it).
 
-    A scale overlay (mini) turns the cache on for every experiment; a training method that runs
-    its own forward on the images (a teacher: D³ETR) or a non-DETR model family cannot use cached
-    DETR-backbone maps, so those runs train from images, and their provenance says why.
+    A scale overlay (mini) turns the cache on for every experiment; a non-DETR model family, or a
+    training method that needs the images themselves, cannot use cached DETR-backbone maps, so those
+    runs train from images, and their provenance says why. A method can also decline once its
+    inputs are loaded (:meth:`replic.methods.base.TrainingMethod.feature_cache_reason`: a D³ETR
+    teacher whose backbone is not the student's).
     """
     family = getattr(cfg.model, "family", "detr")
     if family != "detr":
         return f"model family '{family}' has no cached-feature path"
     method = cfg.method.get("name", "none") if isinstance(cfg.method, dict) else "none"
-    # KS-DETR only feeds a GT mask to an encoder layer; the cached backbone maps serve it unchanged.
-    if method not in ("none", "ks_detr"):
+    # KS-DETR only feeds a GT mask to an encoder layer; D³ETR's teacher reads the same maps when it
+    # shares the student's frozen backbone (checked by the method): the cached maps serve both.
+    if method not in ("none", "ks_detr", "d3etr"):
         return f"method '{method}' runs its own forward on the images"
     return None
 

@@ -198,7 +198,7 @@ class Trainer:
         """Train from cached frozen-backbone maps (``train.feature_cache``; same outputs, see the module)."""
         from replic.engine.feature_cache import CachedFeatureDataset, load_or_build, unsupported_reason
 
-        reason = unsupported_reason(self.cfg)
+        reason = unsupported_reason(self.cfg) or self.method.feature_cache_reason(detector)
         if reason is not None:
             log.warning("train.feature_cache is on but not used: %s; training from images", reason)
             self.cache_info = {"used": False, "reason": reason}

@@ -77,6 +77,11 @@ class TrainingMethod(nn.Module):
     def setup(self, model: nn.Module, criterion: nn.Module, device: torch.device) -> None:
         """Load frozen teachers onto ``device`` and register extra loss terms on ``criterion``."""
 
+    def feature_cache_reason(self, model: nn.Module) -> str | None:
+        """Why cached frozen-backbone maps of the student cannot stand in for the images this method
+        reads (``train.feature_cache``), after :meth:`setup`; None: they can. Default: they can."""
+        return None
+
     def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
                       targets: list[dict[str, Tensor]]) -> dict[str, Any]:
         """One training forward; the outputs dict goes to the criterion (model contract keys).

@@ -161,15 +161,16 @@ class D3ETR(TrainingMethod):
             self.check_inputs()
         teacher = self.hold_frozen("teacher", build_teacher(self._teacher_ckpt, device))
         self._teacher_ckpt.state = {}  # weights now live in the module
-        if getattr(self.cfg.train, "feature_cache", False):
-            # Cached backbone maps stand in for the images of both models: only valid if the
-            # teacher's frozen backbone is the student's (e.g. the shared mini-scale backbone).
-            own, theirs = model.backbone.state_dict(), teacher.backbone.state_dict()
-            if own.keys() != theirs.keys() or any(not torch.equal(own[k], theirs[k].to(own[k].device)) for k in own):
-                raise ConfigError("train.feature_cache: the D³ETR teacher's backbone differs from the student's, "
-                                  "so the cached student maps cannot stand in for the teacher's images")
         self._refs["criterion"] = criterion
         criterion.register_loss(self.loss_terms, self.weights(len(model.transformer.decoder.layers)))
+
+    def feature_cache_reason(self, model: nn.Module) -> str | None:
+        """The cached maps stand in for both models' images only if the teacher's frozen backbone
+        is the student's (the shared mini-scale backbone); otherwise the run trains from images."""
+        own, theirs = model.backbone.state_dict(), self.frozen("teacher").backbone.state_dict()
+        if own.keys() != theirs.keys() or any(not torch.equal(own[k], theirs[k].to(own[k].device)) for k in own):
+            return "the D³ETR teacher's backbone differs from the student's (its maps are not the cached ones)"
+        return None
 
     def provenance(self) -> dict[str, Any]:
         facts: dict[str, Any] = {"options": _plain(self.options)}

@@ -125,6 +125,11 @@ def test_gather_numbers_missing_rows_and_provenance(tmp_path: Path) -> None:
     assert "| Failed | — | missing | 37.1 / — |" in markdown
     assert "Good (shared run) *" in markdown and "## G2" in markdown
     assert "Rows: 2 ok, 2 missing, 1 cited." in markdown
+    # Smoke numbers check the pipeline; mini runs learn, so their header says what they can test.
+    assert "they check the pipeline" in markdown
+    gather(load_registry(reg_path), reg_path, "demo", "mini", tmp_path / "runs", tmp_path / "mini")
+    mini = (tmp_path / "mini" / "table_demo.md").read_text()
+    assert "can test the paper's qualitative claims" in mini and "check the pipeline" not in mini
     for figure in ("table_demo_ap.png", "table_demo_curves.png"):
         assert (out / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -293,7 +293,10 @@ def render_markdown(name: str, table: Table, scale: str, rows: list[GatheredRow]
         "*: row label inferred by the reference notes.",
         "",
     ]
-    if scale != "paper":
+    if scale == "mini":
+        lines += ["Ours are **mini-scale** runs (synthetic data, small models that learn on a CPU; docs/mini.md): "
+                  "they can test the paper's qualitative claims (orderings, gains), not its numbers.", ""]
+    elif scale != "paper":
         lines += [f"Ours are **{scale}-scale** runs: they check the pipeline, not the paper's numbers.", ""]
     current_group: object = object()
     for g in rows:

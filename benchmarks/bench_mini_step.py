@@ -14,9 +14,11 @@ Random weights and random maps of the cached shape; nothing is read from disk.
 
 ``--compile`` instead compares the forward + loss + backward + clip of the eager detector with
 ``torch.compile(detector)`` (inductor; compilation timed separately), blocks interleaved.
+``--bf16`` instead compares that fp32 step with the same step under CPU bf16 autocast
+(``torch.autocast("cpu", torch.bfloat16)`` around forward + loss; the engine autocasts on CUDA only).
 
 Usage:
-    python benchmarks/bench_mini_step.py [--steps 60] [--rounds 3] [--threads 1] [--compile]
+    python benchmarks/bench_mini_step.py [--steps 60] [--rounds 3] [--threads 1] [--compile | --bf16]
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="eager vs torch.compile of the detector")
+    parser.add_argument("--bf16", action="store_true", help="fp32 vs CPU bf16 autocast of forward + loss")
     args = parser.parse_args()
 
     cfg, model, criterion = _build(args.threads)
@@ -108,6 +111,9 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     if args.compile:
         compare_compile(cfg, model, criterion, (images, mask, targets), args)
+        return
+    if args.bf16:
+        compare_bf16(cfg, model, criterion, (images, mask, targets), args)
         return
     opts = {"default": torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4),
             "fused": torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=True)}
@@ -172,6 +178,34 @@ def compare_compile(cfg, model, criterion, batch, args) -> None:
     for k, v in results.items():
         print(f"| {k} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} |")
     print(f"speed-up of torch.compile: {statistics.median(results['eager']) / statistics.median(results['torch.compile']):.2f}x")
+
+
+def compare_bf16(cfg, model, criterion, batch, args) -> None:
+    """Print fp32 vs CPU bf16-autocast ms for forward + loss + backward + clip (same weights)."""
+    images, mask, targets = batch
+    weights = criterion.weight_dict
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def fwd_bwd(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses = criterion(model(images, mask), targets)
+        total = sum(losses[k].float() * weights[k] for k in losses if k in weights)
+        model.zero_grad(set_to_none=False)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
+
+    fwd_bwd(False)
+    fwd_bwd(True)  # warm-up of both paths (oneDNN picks its bf16 kernels on the first call)
+    results: dict[str, list[float]] = {"fp32": [], "bf16 autocast": []}
+    for _ in range(args.rounds):
+        results["fp32"].append(time_block(lambda i: fwd_bwd(False), args.steps))
+        results["bf16 autocast"].append(time_block(lambda i: fwd_bwd(True), args.steps))
+    print(f"mini fwd+loss+bwd+clip, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
+          f"ms (median of rounds; min-max)")
+    print("| precision | ms | min-max |\n|---|---|---|")
+    for k, v in results.items():
+        print(f"| {k} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} |")
+    print(f"speed-up of bf16 autocast: {statistics.median(results['fp32']) / statistics.median(results['bf16 autocast']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -150,62 +150,58 @@ def main() -> None:
     print(f"speed-up of a step: {before / after:.2f}x")
 
 
-def compare_compile(cfg, model, criterion, batch, args) -> None:
-    """Print eager vs ``torch.compile`` ms for forward + loss + backward + clip (same weights)."""
-    images, mask, targets = batch
-    weights = criterion.weight_dict
-    params = [p for p in model.parameters() if p.requires_grad]
-    compiled = torch.compile(model)
-
-    def fwd_bwd(detector) -> None:
-        losses = criterion(detector(images, mask), targets)
-        total = sum(losses[k] * weights[k] for k in losses if k in weights)
-        model.zero_grad(set_to_none=False)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
-
-    t0 = time.perf_counter()
-    fwd_bwd(compiled)  # compiles forward and backward
-    compile_s = time.perf_counter() - t0
-    fwd_bwd(model)
-    results: dict[str, list[float]] = {"eager": [], "torch.compile": []}
-    for _ in range(args.rounds):
-        results["eager"].append(time_block(lambda i: fwd_bwd(model), args.steps))
-        results["torch.compile"].append(time_block(lambda i: fwd_bwd(compiled), args.steps))
-    print(f"mini fwd+loss+bwd+clip, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
-          f"ms (median of rounds; min-max); first compiled step (compilation) {compile_s:.1f} s")
-    print("| detector | ms | min-max |\n|---|---|---|")
-    for k, v in results.items():
-        print(f"| {k} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} |")
-    print(f"speed-up of torch.compile: {statistics.median(results['eager']) / statistics.median(results['torch.compile']):.2f}x")
-
-
-def compare_bf16(cfg, model, criterion, batch, args) -> None:
-    """Print fp32 vs CPU bf16-autocast ms for forward + loss + backward + clip (same weights)."""
+def _fwd_bwd(cfg, model, criterion, batch):
+    """``step(detector, bf16=False)``: forward + loss + backward + clip of ``detector`` (``model`` or a
+    compiled wrapper of it), optionally under CPU bf16 autocast."""
     images, mask, targets = batch
     weights = criterion.weight_dict
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def fwd_bwd(bf16: bool) -> None:
+    def step(detector, bf16: bool = False) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            losses = criterion(model(images, mask), targets)
+            losses = criterion(detector(images, mask), targets)
         total = sum(losses[k].float() * weights[k] for k in losses if k in weights)
         model.zero_grad(set_to_none=False)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
 
-    fwd_bwd(False)
-    fwd_bwd(True)  # warm-up of both paths (oneDNN picks its bf16 kernels on the first call)
-    results: dict[str, list[float]] = {"fp32": [], "bf16 autocast": []}
+    return step
+
+
+def _compare(variants: dict, args, column: str, note: str = "") -> None:
+    """Time the variants (name -> no-argument step) in interleaved blocks; print a table and the
+    speed-up of the second over the first."""
+    results: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
-        results["fp32"].append(time_block(lambda i: fwd_bwd(False), args.steps))
-        results["bf16 autocast"].append(time_block(lambda i: fwd_bwd(True), args.steps))
+        for name, fn in variants.items():
+            results[name].append(time_block(lambda i: fn(), args.steps))
     print(f"mini fwd+loss+bwd+clip, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps, "
-          f"ms (median of rounds; min-max)")
-    print("| precision | ms | min-max |\n|---|---|---|")
+          f"ms (median of rounds; min-max){note}")
+    print(f"| {column} | ms | min-max |\n|---|---|---|")
     for k, v in results.items():
         print(f"| {k} | {statistics.median(v):.2f} | {min(v):.2f}-{max(v):.2f} |")
-    print(f"speed-up of bf16 autocast: {statistics.median(results['fp32']) / statistics.median(results['bf16 autocast']):.2f}x")
+    base, other = (statistics.median(v) for v in results.values())
+    print(f"speed-up of {list(results)[1]}: {base / other:.2f}x")
+
+
+def compare_compile(cfg, model, criterion, batch, args) -> None:
+    """Print eager vs ``torch.compile`` ms for forward + loss + backward + clip (same weights)."""
+    step = _fwd_bwd(cfg, model, criterion, batch)
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    step(compiled)  # compiles forward and backward
+    compile_s = time.perf_counter() - t0
+    step(model)
+    _compare({"eager": lambda: step(model), "torch.compile": lambda: step(compiled)}, args, "detector",
+             f"; first compiled step (compilation) {compile_s:.1f} s")
+
+
+def compare_bf16(cfg, model, criterion, batch, args) -> None:
+    """Print fp32 vs CPU bf16-autocast ms for forward + loss + backward + clip (same weights)."""
+    step = _fwd_bwd(cfg, model, criterion, batch)
+    step(model)
+    step(model, bf16=True)  # warm-up of both paths (oneDNN picks its bf16 kernels on the first call)
+    _compare({"fp32": lambda: step(model), "bf16 autocast": lambda: step(model, bf16=True)}, args, "precision")
 
 
 if __name__ == "__main__":

@@ -259,3 +259,18 @@ def test_parameter_counts_match_torchvision_builders(arch_depth):
         reference = _count(_torchvision_reference(arch, depth))
     assert ours == reference
     assert abs(ours / 1e6 - PARAM_COUNTS_M[arch_depth]) < 0.05, ours
+
+
+def test_retinanet_group_norm_head_is_torchvisions_v2_head():
+    """``head_norm: group_norm`` gives RetinaNet torchvision's v2 head (GroupNorm after each conv):
+    the same keys and shapes as ``retinanet_resnet50_fpn_v2``'s head, so its weights would load;
+    the default stays the plain v1 head (no normalisation)."""
+    with torch.device("meta"):
+        ours = build_model(CnnModelConfig(arch="retinanet", head_norm="group_norm")).model.head
+        plain = build_model(CnnModelConfig(arch="retinanet")).model.head
+        v2 = torchvision.models.detection.retinanet_resnet50_fpn_v2(
+            weights=None, weights_backbone=None, num_classes=91).head
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(ours) == shapes(v2)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in ours.modules()) == 8
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules())

@@ -3,10 +3,13 @@ loss reader, post-processor. Only the adapter is ours; the detectors are torchvi
 
 from __future__ import annotations
 
+from functools import partial
+
 import torchvision
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -72,7 +75,12 @@ def build_torchvision_detector(cfg: CnnModelConfig) -> nn.Module:
     common = dict(num_classes=cfg.num_classes, score_thresh=cfg.score_thresh, nms_thresh=cfg.nms,
                   detections_per_img=cfg.detections_per_img, topk_candidates=cfg.topk_candidates)
     if cfg.arch == "retinanet":
-        return RetinaNet(backbone, **common)
+        model = RetinaNet(backbone, **common)  # torchvision's plain (v1) head
+        if cfg.head_norm == "group_norm":  # torchvision's v2 head on the same anchors
+            anchors = model.anchor_generator.num_anchors_per_location()[0]
+            model.head = RetinaNetHead(cfg.fpn_channels, anchors, cfg.num_classes,
+                                       norm_layer=partial(nn.GroupNorm, 32))
+        return model
     return FCOS(backbone, center_sampling_radius=1.5, **common)
 
 

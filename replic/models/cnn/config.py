@@ -8,10 +8,10 @@ them is listed in docs/cnn_detectors.md. Torch-free, so loading a config imports
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from replic.config import ConfigError
+from replic.config import ADDED_KEY, ConfigError
 
 CnnArch = Literal["faster_rcnn", "retinanet", "fcos"]
 ResNetName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
@@ -52,6 +52,11 @@ class CnnModelConfig:
         roi_head_dim: Faster R-CNN box head width (two shared FCs; mmdet ``fc_out_channels`` 1024).
         topk_candidates: RetinaNet / FCOS candidates per level before NMS (mmdet ``nms_pre``).
         size_divisible: pad the batch to a multiple of this (mmdet ``Pad(size_divisor=32)``).
+        head_norm: RetinaNet's head convs: ``none`` (mmdet / torchvision v1: plain convs with
+            N(0, 0.01) weights) | ``group_norm`` (GroupNorm(32) after each, torchvision's
+            RetinaNet v2 head). The plain head shrinks narrow FPN maps ~10^3-fold at
+            initialisation and barely learns at the mini scale's width (docs/cnn_detectors.md).
+            FCOS's head always has GroupNorm; Faster R-CNN has no such head.
     """
 
     family: Literal["cnn"] = "cnn"
@@ -71,6 +76,8 @@ class CnnModelConfig:
     roi_head_dim: int = 1024
     topk_candidates: int = 1000
     size_divisible: int = 32
+    # ADDED_KEY: omitted from the resolved config at its default, so earlier runs keep their hash.
+    head_norm: Literal["none", "group_norm"] = field(default="none", metadata=ADDED_KEY)
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -93,6 +100,14 @@ class CnnModelConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.arch == "fcos" and self.fpn_channels % 32:
             raise ConfigError(f"fpn_channels: FCOS's GroupNorm(32) head needs a multiple of 32, "
+                              f"got {self.fpn_channels}")
+        if self.head_norm not in ("none", "group_norm"):
+            raise ConfigError(f'head_norm: must be "none" or "group_norm", got {self.head_norm!r}')
+        if self.head_norm != "none" and self.arch != "retinanet":
+            raise ConfigError(f"head_norm: only RetinaNet's head has the choice (FCOS always uses "
+                              f"GroupNorm, Faster R-CNN has no conv head); got arch {self.arch!r}")
+        if self.head_norm == "group_norm" and self.fpn_channels % 32:
+            raise ConfigError(f"fpn_channels: a GroupNorm(32) head needs a multiple of 32, "
                               f"got {self.fpn_channels}")
         if not 0.0 <= self.score_thresh < 1.0:
             raise ConfigError(f"score_thresh: must be in [0, 1), got {self.score_thresh}")

@@ -63,6 +63,10 @@ def test_model_section_errors_name_the_key():
         load_experiment(EXPERIMENTS / "fcos_r50_24ep.yaml", "paper", MISSING_ROOT | {"model": {"family": "rcnn"}})
     with pytest.raises(ConfigError, match=r"model.*fpn_channels.*multiple of 32"):
         load_experiment(EXPERIMENTS / "fcos_r50_24ep.yaml", "paper", MISSING_ROOT | {"model": {"fpn_channels": 48}})
+    with pytest.raises(ConfigError, match=r"model.*head_norm.*only RetinaNet.*'fcos'"):
+        load_experiment(EXPERIMENTS / "fcos_r50_24ep.yaml", "paper", MISSING_ROOT | {"model": {"head_norm": "group_norm"}})
+    with pytest.raises(ConfigError, match=r"model.*head_norm.*'batch_norm'"):
+        load_experiment(EXPERIMENTS / "retinanet_r50_24ep.yaml", "paper", MISSING_ROOT | {"model": {"head_norm": "batch_norm"}})
     with pytest.raises(ConfigError, match=r"train\.lr_steps.*\[16, 24\].*last epoch"):
         load_experiment(EXPERIMENTS / "frcnn_r50_24ep.yaml", "paper", MISSING_ROOT | {"train": {"lr_steps": [16, 24]}})
 
@@ -143,3 +147,52 @@ def test_warmup_needs_the_multistep_schedule():
         dataclasses.replace(TrainConfig(), warmup_iters=10).validate()
     assert isinstance(build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), _sgd_cfg()),
                       WarmupMultiStepLR)
+
+
+def _mini_root(tmp_path: Path) -> dict:
+    ann = tmp_path / "annotations"
+    ann.mkdir(exist_ok=True)
+    (ann / "instances_train2017.json").write_text('{"categories": [{"id": 3, "name": "x"}]}')
+    return {"data": {"root": str(tmp_path)}}
+
+
+@pytest.mark.parametrize("detector", sorted(ARCH))
+def test_mini_scale_reads_the_mini_backbone_and_the_teacher_trains_more(detector, tmp_path):
+    """At mini the CNN detectors read the DETRs' frozen dense-pretrained ResNet-18 (the workflow
+    points families.cnn at the file its pretrain_backbone job writes); the R101 teacher trains
+    layer3-4 for twice the student's schedule; RetinaNet gets the GroupNorm head."""
+    student = load_experiment(EXPERIMENTS / f"{detector}_r50_24ep.yaml", "mini", _mini_root(tmp_path))
+    teacher = load_experiment(EXPERIMENTS / f"{detector}_r101_24ep.yaml", "mini", _mini_root(tmp_path))
+    for cfg in (student, teacher):
+        assert cfg.model.backbone == "resnet18" and cfg.model.num_classes == 4
+        assert cfg.model.pretrained_backbone == "runs/mini/backbone/resnet18_dense.pt"
+        assert cfg.model.head_norm == ("group_norm" if detector == "retinanet" else "none")
+        assert cfg.data.train_scales == [128] and cfg.data.max_size == 160 and not cfg.train.feature_cache
+    assert (student.model.trainable_layers, teacher.model.trainable_layers) == (0, 2)
+    assert (student.train.epochs, teacher.train.epochs) == (4, 8)
+    assert student.train.lr_steps == [3] and teacher.train.lr_steps == [6]
+
+
+def _maskd_tables_experiments() -> list[str]:
+    from replic.workflow.methods import token_runs
+    from replic.workflow.registry import load_registry
+
+    names = load_registry(REPO / "configs" / "tables.yaml").experiments(["maskd", "maskd_tokens", "maskd_ablations"])
+    return sorted(set(names) | set(token_runs(names, EXPERIMENTS)))
+
+
+@pytest.mark.parametrize("experiment", _maskd_tables_experiments())
+def test_mini_overlay_validates_for_the_maskd_tables(experiment, tmp_path):
+    """Every run of the MasKD tables resolves at mini: token runs keep their own recipe (Adam, cosine,
+    no multistep, 1,000 steps) over the teacher's mini schedule; students switch to customised masks
+    within their 2,000 steps, as the official runs do early in theirs."""
+    cfg = load_experiment(EXPERIMENTS / f"{experiment}.yaml", "mini", _mini_root(tmp_path))
+    assert cfg.scale == "mini"
+    method = cfg.method["name"]
+    if method == "maskd_tokens":
+        t = cfg.train
+        assert (t.optimizer, t.lr_schedule, t.lr_steps, t.warmup_iters, t.max_steps) == ("adam", "cosine", [], 0, 1000)
+        assert t.lr == t.lr_backbone == 0.01
+    elif method == "maskd" and cfg.method.get("custom_mask", True):
+        steps = cfg.train.epochs * 500  # 500 steps of 8 images per mini epoch
+        assert 0 < cfg.method["custom_mask_warmup"] < steps // 10

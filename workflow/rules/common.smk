@@ -177,7 +177,10 @@ def overlay_inputs(wildcards):
 def overlay_settings(scale):
     """Paths the mini overlay points its runs at (they follow runs_dir), as dotted keys."""
     if scale == "mini":
-        return {"model.pretrained_backbone": MINI_BACKBONE, "train.feature_cache_dir": MINI_FEATURE_CACHE}
+        # The CNN family's mini section (families.cnn) reads the same frozen backbone.
+        return {"model.pretrained_backbone": MINI_BACKBONE,
+                "families.cnn.model.pretrained_backbone": MINI_BACKBONE,
+                "train.feature_cache_dir": MINI_FEATURE_CACHE}
     return {}
 
 

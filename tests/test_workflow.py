@@ -153,6 +153,8 @@ def test_mini_dag_pretrains_the_backbone_once_with_its_configured_task_and_threa
     # The overlay job checks the backbone against the same options before any run starts.
     overlay = next(line for line in result.stdout.splitlines() if "replic.workflow.prepare overlay" in line)
     assert "--backbone runs/mini/backbone/resnet18_dense.pt" in overlay
+    # The CNN family's mini section (MasKD's detectors) is pointed at the same weights.
+    assert "--set families.cnn.model.pretrained_backbone=runs/mini/backbone/resnet18_dense.pt" in overlay
     for option in ("steps=1200", "batch_size=16", "seed=0", "roi_cls_weight=1.0"):
         assert f"--backbone-expect {option}" in overlay
     one_core = snakemake(workdir, "-n", "-p", "--cores", "1", "runs/mini/backbone/resnet18_dense.pt",

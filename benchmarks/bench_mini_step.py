@@ -106,25 +106,20 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg, model, criterion = _build(args.threads)
-    images, mask, targets = _batch()
-    weights = criterion.weight_dict
-    params = [p for p in model.parameters() if p.requires_grad]
+    batch = _batch()
     if args.compile:
-        compare_compile(cfg, model, criterion, (images, mask, targets), args)
+        compare_compile(cfg, model, criterion, batch, args)
         return
     if args.bf16:
-        compare_bf16(cfg, model, criterion, (images, mask, targets), args)
+        compare_bf16(cfg, model, criterion, batch, args)
         return
+    params = [p for p in model.parameters() if p.requires_grad]
     opts = {"default": torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4),
             "fused": torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=True)}
+    step = _fwd_bwd(cfg, model, criterion, batch)
 
     def fwd_bwd(_: int) -> None:
-        out = model(images, mask)
-        losses = criterion(out, targets)
-        total = sum(losses[k] * weights[k] for k in losses if k in weights)
-        model.zero_grad(set_to_none=False)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
+        step(model)
 
     fwd_bwd(0)  # gradients exist for the optimizer steps
     results: dict[str, list[float]] = {k: [] for k in

@@ -98,16 +98,11 @@ class CnnModelConfig:
                      "roi_head_dim", "topk_candidates", "size_divisible"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.arch == "fcos" and self.fpn_channels % 32:
-            raise ConfigError(f"fpn_channels: FCOS's GroupNorm(32) head needs a multiple of 32, "
-                              f"got {self.fpn_channels}")
-        if self.head_norm not in ("none", "group_norm"):
-            raise ConfigError(f'head_norm: must be "none" or "group_norm", got {self.head_norm!r}')
         if self.head_norm != "none" and self.arch != "retinanet":
             raise ConfigError(f"head_norm: only RetinaNet's head has the choice (FCOS always uses "
                               f"GroupNorm, Faster R-CNN has no conv head); got arch {self.arch!r}")
-        if self.head_norm == "group_norm" and self.fpn_channels % 32:
-            raise ConfigError(f"fpn_channels: a GroupNorm(32) head needs a multiple of 32, "
+        if (self.arch == "fcos" or self.head_norm == "group_norm") and self.fpn_channels % 32:
+            raise ConfigError(f"fpn_channels: a GroupNorm(32) head ({self.arch}) needs a multiple of 32, "
                               f"got {self.fpn_channels}")
         if not 0.0 <= self.score_thresh < 1.0:
             raise ConfigError(f"score_thresh: must be in [0, 1), got {self.score_thresh}")

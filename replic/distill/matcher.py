@@ -20,6 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from replic.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from replic.models.transformer import at_least_float32
 
 
 class TeacherStudentMatcher:
@@ -35,12 +36,13 @@ class TeacherStudentMatcher:
     @torch.no_grad()
     def cost_matrix(self, student: dict[str, Any], teacher: dict[str, Any]) -> Tensor:
         """(B, Qs, Qt) matching cost between student and teacher queries of each image."""
-        s_logits = student["pred_logits"].float()
-        t_prob = teacher["pred_logits"].float().sigmoid()
+        s_logits = at_least_float32(student["pred_logits"])
+        t_prob = at_least_float32(teacher["pred_logits"]).to(s_logits.dtype).sigmoid()
         # Σ_c −[p log σ(s) + (1−p) log σ(−s)] as two batched matrix products.
         cost_class = -(F.logsigmoid(s_logits) @ t_prob.transpose(1, 2)
                        + F.logsigmoid(-s_logits) @ (1 - t_prob).transpose(1, 2))
-        s_boxes, t_boxes = student["pred_boxes"].float(), teacher["pred_boxes"].float()
+        s_boxes = at_least_float32(student["pred_boxes"])
+        t_boxes = at_least_float32(teacher["pred_boxes"]).to(s_boxes.dtype)
         cost_bbox = torch.cdist(s_boxes, t_boxes, p=1)
         cost_giou = -torch.stack([generalized_box_iou(box_cxcywh_to_xyxy(s), box_cxcywh_to_xyxy(t))
                                   for s, t in zip(s_boxes, t_boxes)])

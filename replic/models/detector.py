@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from replic.models.backbone import Joiner
 from replic.models.box_ops import inverse_sigmoid
-from replic.models.transformer import MLP, Transformer, float32_region
+from replic.models.transformer import MLP, Transformer, at_least_float32, float32_region
 
 
 class ExtraQueries(TypedDict, total=False):
@@ -168,11 +168,11 @@ class Detector(nn.Module):
         # Heads in fp32 even under bf16/fp16 autocast: bf16 keeps ~3 significant digits, i.e.
         # box coordinates quantised to ~2-3 px at 1333 px. The heads are a negligible cost.
         with float32_region(hs):
-            logits = self.class_embed(hs.float())
-            box_raw = self.bbox_embed(hs.float())
+            logits = self.class_embed(at_least_float32(hs))
+            box_raw = self.bbox_embed(at_least_float32(hs))
             if self.offset_regression:
                 # Centre as an offset from the reference point in inverse-sigmoid space.
-                offset = inverse_sigmoid(reference_points.float())
+                offset = inverse_sigmoid(at_least_float32(reference_points))
                 box_raw = torch.cat((box_raw[..., :2] + offset, box_raw[..., 2:]), dim=-1)
             boxes = box_raw.sigmoid()
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "hs": hs}

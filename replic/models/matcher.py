@@ -19,6 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from replic.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from replic.models.transformer import at_least_float32
 
 
 class HungarianMatcher(nn.Module):
@@ -41,13 +42,13 @@ class HungarianMatcher(nn.Module):
         """(B, Q, total number of GT boxes in the batch) cost; column blocks belong to images."""
         logits = outputs["pred_logits"]
         b, q = logits.shape[:2]
-        out_boxes = outputs["pred_boxes"].flatten(0, 1).float()
+        out_boxes = at_least_float32(outputs["pred_boxes"].flatten(0, 1))
         tgt_ids = torch.cat([t["labels"] for t in targets]).long()
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(out_boxes.dtype)
         if tgt_ids.numel() and (tgt_ids.min() < 0 or tgt_ids.max() >= logits.shape[-1] - (0 if self.focal else 1)):
             raise ValueError(f"target labels must be in [0, num_classes), got range "
                              f"[{int(tgt_ids.min())}, {int(tgt_ids.max())}] for {logits.shape[-1]} logits")
-        flat_logits = logits.flatten(0, 1).float()
+        flat_logits = at_least_float32(logits.flatten(0, 1))
         if self.focal:
             prob = flat_logits.sigmoid()
             alpha, gamma = self.focal_alpha, self.focal_gamma

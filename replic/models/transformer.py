@@ -21,6 +21,16 @@ def float32_region(tensor: Tensor) -> torch.autocast:
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is a half type (bf16/fp16 autocast), else unchanged.
+
+    Unlike ``.float()`` this keeps float64, so the same code runs the float64 parity checks.
+    """
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU in between (``layers.{i}`` names as the official ``MLP``)."""
 
@@ -120,7 +130,7 @@ class ReferencePointSource(nn.Module):
             return None
         if self.reference_point == "predicted":
             with float32_region(query_pos):  # points feed the box offsets: keep them fp32
-                return self.ref_point_head(query_pos.float()).sigmoid()
+                return self.ref_point_head(at_least_float32(query_pos)).sigmoid()
         b, q, _ = query_pos.shape
         if self.reference_point == "learned":
             weight = self.ref_point_embed.weight

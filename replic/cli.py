@@ -19,10 +19,24 @@ COMMAND_MODULES: tuple[str, ...] = (
     "replic.data.cli",
     "replic.eval.cli",
     "replic.engine.cli",
+    "replic.engine.compare",
     "replic.engine.pretrain",
     "replic.models.convert_cli",
     "replic.viz.cli",
 )
+
+
+def package_version() -> str:
+    """replic's version: the installed distribution's metadata, else ``replic.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("replic")
+    except PackageNotFoundError:
+        # A source checkout on sys.path that was never pip-installed has no metadata.
+        import replic
+
+        return str(getattr(replic, "__version__", "unknown"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reproducible replication of DETR-family detection papers.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"replic {package_version()}",
+                        help="print the replic version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:

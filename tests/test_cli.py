@@ -45,3 +45,48 @@ def test_console_script_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "COMMAND" in result.stdout
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    import replic
+
+    result = subprocess.run(
+        [sys.executable, "-m", "replic", "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"replic {version('replic')}"
+    assert version("replic") == replic.__version__
+
+
+def test_version_falls_back_to_the_module_attribute(monkeypatch, capsys):
+    import importlib.metadata
+
+    from replic.cli import main
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    monkeypatch.setattr("replic.__version__", "9.9.9-test")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == "replic 9.9.9-test"
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_scale_help_lists_every_scale_and_the_overlay_path(command, capsys):
+    from replic.engine.config import SCALE_NAMES
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    # The option's own entry (not the usage line), unwrapped.
+    entry = out[out.index("\n  --scale SCALE"):]
+    scale_help = " ".join(entry[: entry.index("\n  --set")].split())
+    assert set(SCALE_NAMES) == {"smoke", "mini", "paper"}
+    for name in SCALE_NAMES:
+        assert name in scale_help, f"--scale help of replic {command} lacks {name!r}: {scale_help}"
+    assert "path to an overlay YAML" in scale_help

@@ -62,3 +62,35 @@ def test_conda_env_matches_lock():
         )
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
     assert python.startswith("python=3.1") and int(python.split(".")[1]) >= 11
+
+
+def test_license_is_the_apache_2_text_pyproject_names():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    head = [line.strip() for line in text.splitlines() if line.strip()][:3]
+    assert head == ["Apache License", "Version 2.0, January 2004", "http://www.apache.org/licenses/"]
+    # The whole text, not an excerpt: the 9 sections of terms and the end marker.
+    assert "9. Accepting Warranty or Additional Liability." in text
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_citation_cff_parses_and_cites_the_four_replicated_papers():
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert cff["cff-version"] == "1.2.0"
+    assert cff["title"] == "replic" and cff["type"] == "software" and cff["message"].strip()
+    assert cff["license"] == project["license"]["text"] == "Apache-2.0"
+    assert cff.get("version", project["version"]) == project["version"]
+    assert cff["authors"] == [{"name": "replic contributors"}]
+    # repository-code only once pyproject names the project's repository.
+    assert ("repository-code" in cff) == bool(project.get("urls"))
+    arxiv = {}
+    for ref in cff["references"]:
+        assert ref["title"] and ref["authors"] and ref["year"], ref
+        ids = [i["value"] for i in ref.get("identifiers", [])]
+        arxiv.update({v.removeprefix("arXiv:"): ref for v in ids if v.startswith("arXiv:")})
+    assert set(arxiv) == {"2108.06152", "2302.11208", "2211.09768", "2205.14589"}
+    assert arxiv["2108.06152"]["authors"][0]["family-names"] == "Meng"  # Conditional DETR
+    assert arxiv["2205.14589"]["authors"][0]["family-names"] == "Huang"  # MasKD
+    assert arxiv["2211.09768"]["year"] == 2024  # D³ETR, IJCAI 2024

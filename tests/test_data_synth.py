@@ -194,3 +194,19 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict) -> None:
     args = {"n_train": 1, "n_val": 1, "size": 128, "seed": 0} | kwargs
     with pytest.raises(ValueError):
         generate_synthetic_coco(tmp_path, **args)
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["out-is-a-file", "out-under-a-file"])
+def test_synth_out_that_is_a_file_is_one_clear_line_exit_2(tmp_path: Path, below: bool) -> None:
+    existing = tmp_path / "notes.txt"
+    existing.write_text("not a folder")
+    out = existing / "data" if below else existing
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli_main(["data", "synth", "--out", str(out), "--train", "1", "--val", "1", "--size", "64"])
+    lines = err.getvalue().strip().splitlines()
+    assert rc == 2
+    assert len(lines) == 1 and "Traceback" not in err.getvalue(), err.getvalue()
+    assert lines[0].startswith(f"replic data: error: {out}: ") and "must be a directory" in lines[0]
+    assert str(existing) in lines[0]
+    assert existing.read_text() == "not a folder"  # untouched

@@ -248,3 +248,37 @@ def test_run_dir_without_an_input_record_is_not_continued_blindly(tmp_path):
     paths.done.write_text("{}")
     with pytest.raises(RunDirError, match="no record of the files it read"):
         prepare(paths, cfg, force=False, write=True, inputs=inputs)
+
+
+def test_misspelt_scale_name_suggests_the_closest_one(tmp_path, capsys):
+    from replic.cli import main
+
+    rc = main(["train", "--config", str(REPO / "configs/experiments/cdetr_r50_50ep.yaml"),
+               "--scale", "minii", "--set", "data.root=/nonexistent/replic-data",
+               "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "minii" in err[0] and err[0].endswith("did you mean 'mini'?")
+    assert not (tmp_path / "run").exists()
+    # A path is not second-guessed, and a word close to no scale gets no suggestion.
+    with pytest.raises(FileNotFoundError) as missing_file:
+        load_experiment(REPO / "configs/experiments/cdetr_r50_50ep.yaml", str(tmp_path / "smoke.yaml"))
+    assert "did you mean" not in str(missing_file.value)
+    with pytest.raises(FileNotFoundError) as unrelated:
+        load_experiment(REPO / "configs/experiments/cdetr_r50_50ep.yaml", "xyzzy")
+    assert "did you mean" not in str(unrelated.value)
+
+
+def test_shortened_schedule_names_the_lr_drop_fix(tmp_path, capsys):
+    from replic.cli import main
+
+    argv = ["train", "--config", str(REPO / "configs/experiments/cdetr_r50_50ep.yaml"),
+            "--scale", "smoke", "--set", "data.root=/nonexistent/replic-data",
+            "--out", str(tmp_path / "run"), "--set", "train.epochs=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lr_drop" in err[0], err
+    assert err[0].endswith("add --set train.lr_drop=<N> (N <= 1)")
+    # The fix the message names is accepted (and then reaches the missing data).
+    assert main([*argv, "--set", "train.lr_drop=1"]) == 2
+    assert "train.lr_drop" not in capsys.readouterr().err

@@ -441,6 +441,20 @@ def _generate_split(out_dir: Path, split: str, n_images: int, size: int, seed: i
     return payload
 
 
+def _check_root_is_a_folder(out: Path) -> None:
+    """Refuse a dataset root that is (or lies under) an existing file, before writing anything.
+
+    ``mkdir`` would fail there with a bare FileExistsError / NotADirectoryError traceback.
+    """
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is" if path == out else f"lies under {path}, which is"
+                raise ValueError(f"{out}: the dataset root must be a directory, but it {where} "
+                                 "an existing file")
+            return
+
+
 def generate_synthetic_coco(
     out_dir: str | Path,
     n_train: int = 128,
@@ -465,6 +479,7 @@ def generate_synthetic_coco(
     if size < MIN_SIZE:
         raise ValueError(f"size must be >= {MIN_SIZE} pixels, got {size}")
     out = Path(out_dir)
+    _check_root_is_a_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     # A stale annotation file would mark a half-rewritten dataset as complete: remove it first.
     for split in SPLITS:

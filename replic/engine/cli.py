@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Not a heavy import here: the replic.engine package already imports its config module.
+from replic.engine.config import SCALE_NAMES
 from replic.engine.exit_codes import EXIT_PREEMPTED
 
-SCALE_HELP = "scale overlay: 'smoke', 'paper' or a path to an overlay YAML (default: paper as written)"
+SCALE_HELP = ("scale overlay: one of " + ", ".join(SCALE_NAMES)
+              + ", or a path to an overlay YAML file (default: paper as written)")
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - ExperimentConfig, imported lazily

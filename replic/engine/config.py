@@ -16,6 +16,7 @@ training annotation file (max category id + 1, the official convention).
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -190,10 +191,12 @@ class ExperimentConfig:
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if (self.train.lr_schedule == "step" and self.train.max_steps is None
                 and self.train.lr_drop > self.train.epochs):
-            # Allowed by StepLR, but then the drop never happens: almost always a typo.
+            # Allowed by StepLR, but then the drop never happens: almost always a typo, or a
+            # shortened schedule (--set train.epochs=1) whose lr_drop still comes from the file.
             raise ConfigError(
                 f"train.lr_drop: {self.train.lr_drop} is after the last epoch "
-                f"(train.epochs = {self.train.epochs}); the lr would never drop"
+                f"(train.epochs = {self.train.epochs}); the lr would never drop: add "
+                f"--set train.lr_drop=<N> (N <= {self.train.epochs})"
             )
         if (self.train.lr_schedule == "multistep" and self.train.max_steps is None
                 and self.train.lr_steps[-1] >= self.train.epochs):
@@ -224,13 +227,21 @@ def load_with_extends(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[st
 
 
 def find_scale_file(scale: str, config_path: str | Path | None = None) -> Path:
-    """Resolve a scale name (``smoke``/``paper``) or overlay path to a YAML file."""
+    """Resolve a scale name (``smoke``/``mini``/``paper``) or overlay path to a YAML file.
+
+    A bare word that is no scale name gets the closest name suggested (``minii`` -> ``mini``).
+    """
     candidate = Path(scale)
     if scale not in SCALE_NAMES or candidate.suffix in (".yaml", ".yml"):
         if candidate.is_file():
             return candidate
+        hint = ""
+        if not candidate.suffix and len(candidate.parts) == 1:
+            # A bare word is a scale name, most likely misspelt (``minii``), not a path.
+            close = difflib.get_close_matches(scale, SCALE_NAMES, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
         raise FileNotFoundError(
-            f"scale overlay not found: {scale} (use one of {list(SCALE_NAMES)} or a YAML path)"
+            f"scale overlay not found: {scale} (use one of {list(SCALE_NAMES)} or a YAML path){hint}"
         )
     search: list[Path] = []
     if config_path is not None:

@@ -35,6 +35,7 @@ from replic.engine.runtime import (
     to_float32,
 )
 from replic.engine.sampling import SeededDataset, eval_batches
+from replic.eval.coco_eval import format_ap_points
 from replic.models.families import family_of
 
 log = logging.getLogger("replic.engine")
@@ -144,8 +145,8 @@ def evaluate_model(
             "provenance": provenance.collect(world_size=dist_info.world_size),
         }
         atomic_write_json(out_dir / "metrics.json", _nan_to_none(record))
-        log.info("eval AP %.4f AP50 %.4f (%d images, batch %d/process) -> %s",
-                 metrics.get("AP", float("nan")), metrics.get("AP50", float("nan")), n,
+        # AP points (x100, as the papers' tables); metrics.json keeps pycocotools' fractions.
+        log.info("eval %s (%d images, batch %d/process) -> %s", format_ap_points(metrics), n,
                  cfg.eval.batch_size, out_dir / "metrics.json")
         diag = record["diagnostics"]
         if diag["box_std_across_images"] is not None and diag["gt_box_std"]:

@@ -30,6 +30,25 @@ BACKENDS: tuple[str, ...] = ("pycocotools", "faster-coco-eval")
 IOU_TYPES: tuple[str, ...] = ("bbox",)
 
 
+def ap_points(value: float | None) -> float | None:
+    """A COCO fraction (pycocotools' 0.250) as the AP points the papers' tables print (25.0).
+
+    ``None`` and NaN (no ground truth in a bucket) stay ``None``.
+    """
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return 100.0 * float(value)
+
+
+def format_ap_points(metrics: Mapping[str, float | None], names: Sequence[str] = ("AP", "AP50")) -> str:
+    """``AP 25.0 AP50 39.9``: the named metrics in points with one decimal (``n/a`` if missing)."""
+    parts = []
+    for name in names:
+        points = ap_points(metrics.get(name))
+        parts.append(f"{name} {points:.1f}" if points is not None else f"{name} n/a")
+    return " ".join(parts)
+
+
 class ScoringInputError(ValueError):
     """Ground truth or detections are unusable; the message names the source and entry."""
 

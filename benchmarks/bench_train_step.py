@@ -10,7 +10,8 @@ libraries, so compare the two side by side rather than as absolute model cost),
 Both models use the official shape (R50, 6+6 layers, d 256, 300 queries, 91 classes), aux
 loss on and dropout 0.1 everywhere. Known differences of the HF model that affect cost:
 its aux-loss path normalises the decoder state between layers (a different function, not
-just a different cost; see docs in shared/papers/conditional_detr.md §7.2), its backbone is
+just a different cost; see the ``auxiliary_loss`` branch of the decoder loop in HF's
+``transformers/models/conditional_detr/modeling_conditional_detr.py``), its backbone is
 timm's resnet50, and its loss is HF's ``ConditionalDetrForObjectDetection`` loss
 (classification weight 1).
 

@@ -3,7 +3,9 @@
 HF's model is built offline from a config (timm backbone, random weights, no
 download): a tiny ResNet-18 model, plus the full official R50 shape and a DC5-R50
 marked slow; always with ``auxiliary_loss=False`` (HF's aux path differs from the
-official decoder, conditional_detr.md §7.2). Every LayerNorm, every FrozenBatchNorm buffer and
+official decoder: the ``auxiliary_loss`` branch of the decoder loop in HF's
+``transformers/models/conditional_detr/modeling_conditional_detr.py`` feeds the
+layer-normalised state to the next layer). Every LayerNorm, every FrozenBatchNorm buffer and
 the zero-initialised last bbox layer are randomised first, because default values
 hide misplaced norms. The weights go through the explicit name map of
 ``replic.models.hf_mapping`` into replic and load strictly; logits and boxes are

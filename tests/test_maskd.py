@@ -90,7 +90,8 @@ def test_distillation_loss_is_zero_for_equal_features_and_grows_with_the_differe
     losses = [float(masked_distillation(t + s * noise, t, masks, weights)) for s in (0.1, 0.5, 1.0, 2.0)]
     assert all(a < b for a, b in zip(losses, losses[1:]))
     assert losses[-1] / losses[0] == pytest.approx(400.0, rel=1e-4)  # quadratic in the difference
-    # Hand computation at one (image, token, channel) against the formula of maskd.md §1.4.
+    # Hand computation at one (image, token, channel) against the formula of the official
+    # ``MasKDLoss.forward`` (hunto/MasKD mmrazor/mmrazor/models/losses/maskd.py).
     s = t + noise
     per = ((masks[:, :, None] * (s - t)[:, None]) ** 2).sum((3, 4)) / masks.sum((2, 3))[:, :, None]
     torch.testing.assert_close(masked_distillation(s, t, masks, weights), (per.mean(-1) * weights).sum(-1).mean())

@@ -1,26 +1,28 @@
 """KS-DETR: knowledge sharing in attention learning (Zhao & Ukita, arXiv 2302.11208).
 
-Read next to ``shared/papers/ks_detr.md`` §1. One encoder layer (the last, by default) is
-replaced by a *triple-attention* layer. Besides the plain ("student") attention it runs two
-"teachers" whose inputs carry the ground-truth foreground/background mask:
+Read next to the authors' code (``edocanonymous/KS-DETR`` @ df0f2f6; the paths below are under
+``projects/ks_detr/modeling/``). One encoder layer (the last, by default) is replaced by a
+*triple-attention* layer. Besides the plain ("student") attention it runs two "teachers" whose
+inputs carry the ground-truth foreground/background mask:
 
-* **GT mask** (§1.3): every GT box is painted 1 on a canvas of the padded input size
-  (optionally dilated by ``pad_fg_pixel``), resized to the token grid with bilinear
-  ``align_corners=True``, and any non-zero value counts as foreground (a slight dilation).
-  Padding tokens are never foreground.
+* **GT mask** (``ks_utils/gt_mask_generator.py``, ``ks_utils/ksgt.py``): every GT box is painted
+  1 on a canvas of the padded input size (optionally dilated by ``pad_fg_pixel``), resized to
+  the token grid with bilinear ``align_corners=True``, and any non-zero value counts as
+  foreground (a slight dilation). Padding tokens are never foreground.
 * **Token modification**: foreground tokens of the teacher input become ``ReLU(Linear(x))``
   (``sMLP``, one shared linear layer) or get their last channel overwritten by the mask
   (``Mark``); ``masking_loc`` says whether the teacher's q/k/v (``X``), only v (``V``), only
   q/k (``QK``) … are built from the modified tokens.
-* **Triple attention** (§1.2): one packed input projection (6E × E: student q/k/v, teacher
-  q/k/v). Student A·V; teacher 1 A_t·V (shares the student's V); teacher 2 A·V_t (shares the
-  student's attention map A). All three go through the same out-projection, LayerNorms and
-  FFN. The dual variants ``share_a`` (4E: q, k, v, v_t → A·V_t) and ``share_v`` (5E: q, k, v,
-  q_t, k_t → A_t·V) are the same module with fewer rows.
-* **Decoding and losses** (§1.4): each teacher memory goes through the same decoder and heads
-  (one batched pass, :meth:`Detector.forward` ``encoder_inputs``); the last decoder layer of
-  each teacher is one more prediction set, matched on its own and weighted like the student's
-  sets. No distillation loss: knowledge flows only through the shared weights.
+* **Triple attention** (``layers/attn/triple_attn_share_AV.py``): one packed input projection
+  (6E × E: student q/k/v, teacher q/k/v). Student A·V; teacher 1 A_t·V (shares the student's
+  V); teacher 2 A·V_t (shares the student's attention map A). All three go through the same
+  out-projection, LayerNorms and FFN. The dual variants ``share_a`` (4E: q, k, v, v_t → A·V_t)
+  and ``share_v`` (5E: q, k, v, q_t, k_t → A_t·V) are the same module with fewer rows.
+* **Decoding and losses** (``ks_conditional_detr.py``, ``ks_conditional_transformer.py``): each
+  teacher memory goes through the same decoder and heads (one batched pass,
+  :meth:`Detector.forward` ``encoder_inputs``); the last decoder layer of each teacher is one
+  more prediction set, matched on its own and weighted like the student's sets. No
+  distillation loss: knowledge flows only through the shared weights.
 * **Inference**: without ``encoder_inputs`` the layer computes the student path only (the
   first 3E rows of the projection), so a KS checkpoint evaluates as a plain detector.
 """

@@ -1,16 +1,20 @@
 """MasKD: Masked Distillation with Receptive Tokens (Huang et al., ICLR 2023, arXiv 2205.14589).
 
-Read next to shared/papers/maskd.md (§ numbers below) and docs/maskd.md. Two stages, two methods:
+Read next to docs/maskd.md and the authors' code (``hunto/MasKD`` @ b5af34f, files named below).
+Two stages, two methods:
 
-* ``maskd_tokens`` (:class:`MaskdTokens`, stage 1, §1.3): **receptive tokens** are learned on a
-  frozen teacher. T tokens per FPN level give T masks ``M_t = sigmoid(token_t · x)`` per pixel
-  (§1.1); a forward hook replaces each level x of the teacher's FPN by ``Σ_t p_t (x ⊙ M_t)``, where
-  ``p = softmax_T(Conv1×1(GAP(Conv3×3(x))))`` is the mask weighting; the teacher's own task loss
-  on these masked features plus the Dice diversity loss between the token masks (§1.2) trains only
-  the tokens and the weighting convs. The run's checkpoint holds the tokens under ``method``
-  (keys ``tokens.mask_modules.<level>.…``, the official layout behind a prefix).
-* ``maskd`` (:class:`MasKD`, stage 2, §1.4): the student learns the teacher's features under the
-  teacher's masks. Per level, with S = Conv1×1(student feature) and T = teacher feature::
+* ``maskd_tokens`` (:class:`MaskdTokens`, stage 1, official ``mmdetection/maskd_hook.py``):
+  **receptive tokens** are learned on a frozen teacher. T tokens per FPN level give T masks
+  ``M_t = sigmoid(token_t · x)`` per pixel (``MaskModule`` in
+  ``mmrazor/mmrazor/models/losses/maskd.py``); a forward hook replaces each level x of the
+  teacher's FPN by ``Σ_t p_t (x ⊙ M_t)``, where ``p = softmax_T(Conv1×1(GAP(Conv3×3(x))))`` is the
+  mask weighting; the teacher's own task loss on these masked features plus the Dice diversity
+  loss between the token masks (``dice_coeff``, same file) trains only the tokens and the
+  weighting convs. The run's checkpoint holds the tokens under ``method`` (keys
+  ``tokens.mask_modules.<level>.…``, the official layout behind a prefix).
+* ``maskd`` (:class:`MasKD`, stage 2, official ``MasKDLoss`` in the same file): the student learns
+  the teacher's features under the teacher's masks. Per level, with S = Conv1×1(student feature)
+  and T = teacher feature::
 
       L = mean_N Σ_t p_t(T) · mean_C [ Σ_pixels (M_t ⊙ (S − T))² / Σ_pixels M_t ]
 
@@ -47,7 +51,8 @@ Position = Literal["fpn", "backbone"]
 
 # --------------------------------------------------------------------------- the token module
 class ReceptiveTokens(nn.Module):
-    """T receptive tokens on one feature level (official ``MaskModule``; §1.1).
+    """T receptive tokens on one feature level (official ``MaskModule``,
+    ``mmrazor/mmrazor/models/losses/maskd.py``).
 
     Parameters (official names, so released checkpoints load): ``mask_token`` (T, C), initialised
     N(0, 0.01); with ``weighting``, ``prob`` = Conv3×3(C→C) → global average pool → Conv1×1(C→T),
@@ -101,7 +106,7 @@ class TokenBank(nn.Module):
 
 
 def dice_diversity(masks: Tensor, eps: float = 1e-12) -> Tensor:
-    """Dice coefficient between every ordered pair (i ≠ j) of token masks, averaged (§1.2).
+    """Dice coefficient between every ordered pair (i ≠ j) of token masks, averaged (``dice_coeff``).
 
     ``masks`` (N, T, H, W); d_ij = 2 Σ M_i M_j / (Σ M_i² + Σ M_j² + 2 eps), the mean over the batch and
     the T(T−1) off-diagonal pairs. Minimising it makes the tokens look at different pixels. One
@@ -120,7 +125,7 @@ def dice_diversity(masks: Tensor, eps: float = 1e-12) -> Tensor:
 
 def masked_distillation(student: Tensor, teacher: Tensor, masks: Tensor, weights: Tensor | None,
                         eps: float = 1e-12) -> Tensor:
-    """One level of the MasKD loss (§1.4).
+    """One level of the MasKD loss (official ``MasKDLoss.forward``).
 
     ``student`` / ``teacher`` (N, C, H, W) (student already aligned), ``masks`` (N, T, H, W),
     ``weights`` (N, T) or None. Per (image, token, channel): Σ_pixels (M ⊙ (S − T))² / Σ_pixels M;
@@ -242,9 +247,10 @@ def load_tokens(bank: TokenBank, state: dict[str, Tensor], path: str | Path) -> 
 @dataclass
 class MaskdTokensOptions:
     """The ``method`` section of a stage-1 (token learning) experiment; defaults as the official
-    detection configs (§1.3). The experiment's ``model`` section must be the teacher's architecture
-    (extend the teacher's experiment YAML); the optimizer is the experiment's ``train`` section
-    (Adam 0.01, wd 1e-3, cosine to 1e-6 over 2,000 steps in the official configs).
+    detection configs (``mmdetection/configs/maskd/*.py``). The experiment's ``model`` section
+    must be the teacher's architecture (extend the teacher's experiment YAML); the optimizer is the
+    experiment's ``train`` section (Adam 0.01, wd 1e-3, cosine to 1e-6 over 2,000 steps in the
+    official configs).
 
     teacher: ``{experiment: NAME}`` (a DAG run) or ``{checkpoint: FILE}``; its weights are loaded
         into the model and frozen.
@@ -356,7 +362,8 @@ class MaskdTokens(TrainingMethod):
 # --------------------------------------------------------------------------- stage 2
 @dataclass
 class MasKDOptions:
-    """The ``method`` section of a MasKD student (stage 2; official ``MasKDLoss`` defaults, §1.4, §2.1).
+    """The ``method`` section of a MasKD student (stage 2; official ``MasKDLoss`` defaults and
+    ``mmrazor/configs/distill/maskd/*.py``).
 
     teacher: ``{experiment: NAME}`` or ``{checkpoint: FILE}`` (a CNN detector with as many tapped
         levels as the student).

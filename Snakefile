@@ -3,6 +3,7 @@
 #   snakemake --cores all results/table_cdetr_ablations.csv        # smoke scale, tiny data, CPU
 #   snakemake --profile slurm results/table_conditional_detr.csv --config scale=paper coco_root=/data/coco
 #   snakemake --cores all results/figures/table_cdetr_ablations_extremity.csv   # attention figures
+#   snakemake --cores all results/claims_mini.md --config scale=mini   # each claim's verdict
 #   snakemake --report results/report.html                         # tables + figures as HTML
 #
 # The DAG is derived from the table registry (configs/tables.yaml): each table's rows
@@ -36,6 +37,7 @@ include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/ks_detr.smk"
 include: "workflow/rules/maskd.smk"
+include: "workflow/rules/claims.smk"
 
 
 # Cheap bookkeeping runs on the submitting host, not as cluster jobs.
@@ -44,6 +46,7 @@ localrules:
     check_data,
     scale_overlay,
     table,
+    claims,
     ks_attention_table,
     maskd_token_figures_table,
 

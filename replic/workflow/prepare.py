@@ -142,19 +142,22 @@ def overlay_fingerprint(scale: str, data_root: str, scales_dir: str | Path,
 
 
 def run_fingerprint(experiment: str | Path, scale: str, data_root: str, scales_dir: str | Path,
-                    settings: dict[str, Any] | None = None) -> str:
+                    settings: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> str:
     """sha256 (16 hex digits) of the raw config a workflow run resolves to.
 
     The experiment with its ``extends`` chain and per-scale sizes, merged with the overlay
     :func:`scale_overlay` writes: what ``replic train`` reads, by content. The workflow reruns a
     run when this changes (a Snakemake param), not when a config file's time does — so an edited
     base file reruns its experiments, and a comment-only edit reruns nothing. (The overlay file
-    itself is rebuilt by :func:`overlay_fingerprint` in the same way.)
+    itself is rebuilt by :func:`overlay_fingerprint` in the same way.) ``overrides``: what the run
+    sets after the overlay (a seed replicate's ``seed`` and ``name``).
     """
     from replic.engine.config import resolve_raw
 
     overlay = scale_overlay(scale, data_root, scales_dir, settings)
     raw = resolve_raw(experiment, scale, overlay=overlay)
+    if overrides:
+        raw = deep_merge(raw, overrides)
     return _digest(raw)
 
 

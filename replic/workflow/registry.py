@@ -229,6 +229,33 @@ def experiment_epochs(experiment: str) -> int | None:
     return None
 
 
+# A seed replicate of an experiment: ``<name>_seed<n>`` runs ``<name>.yaml`` with seed n, so a
+# claim or a table asks for N seeds without a config file per seed.
+_SEED_REPLICATE = re.compile(r"^(?P<base>[a-z0-9][a-z0-9_]*?)_seed(?P<seed>[0-9]+)$")
+
+
+def seed_replicate(experiment: str, experiments_dir: str | Path) -> tuple[str, int | None]:
+    """(the experiment whose config a run reads, the seed it overrides, or None).
+
+    ``<name>_seed<n>`` with no config file of its own, whose ``<name>.yaml`` exists, is seed n of
+    ``<name>``; any other name is its own experiment (``(name, None)``).
+    """
+    if (Path(experiments_dir) / f"{experiment}.yaml").is_file():
+        return experiment, None
+    match = _SEED_REPLICATE.match(experiment)
+    if match and (Path(experiments_dir) / f"{match['base']}.yaml").is_file():
+        return match["base"], int(match["seed"])
+    return experiment, None
+
+
+def seed_replicates(experiment: str, seeds: int) -> list[str]:
+    """Run names of ``seeds`` seeds of one experiment: the experiment itself (its config's seed),
+    then ``<name>_seed1`` ... ``<name>_seed<seeds-1>``."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    return [experiment] + [f"{experiment}_seed{n}" for n in range(1, seeds)]
+
+
 def experiment_teacher(config_path: str | Path, key: str = "teacher") -> tuple[str, str] | None:
     """The teacher an experiment's method names: ("experiment", NAME), ("checkpoint", FILE) or None.
 

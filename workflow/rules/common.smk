@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 
 from replic.config import ConfigError
 from replic.workflow.methods import experiments_of_family
-from replic.workflow.registry import experiment_teacher, load_registry
+from replic.workflow.registry import experiment_teacher, load_registry, seed_replicate
 
 SCALE = config["scale"]
 RUNS = config["runs_dir"]
@@ -48,8 +48,10 @@ def data_root(scale):
 
 
 def experiment_config(wildcards):
-    """The experiment's config file; a clear error (naming the rows that need it) if it is missing."""
-    path = Path(config["experiments_dir"]) / f"{wildcards.experiment}.yaml"
+    """The experiment's config file (a seed replicate <name>_seed<n>: <name>.yaml); a clear error
+    (naming the rows that need it) if it is missing."""
+    base, _ = seed_replicate(wildcards.experiment, config["experiments_dir"])
+    path = Path(config["experiments_dir"]) / f"{base}.yaml"
     if not path.is_file():
         users = [
             f"{name}/{row.id}"
@@ -91,6 +93,17 @@ def tokens_checkpoint(wildcards):
 
 def run_dir(wildcards):
     return f"{RUNS}/{wildcards.scale}/{wildcards.experiment}"
+
+
+def seed_overrides(experiment):
+    """What a seed replicate <name>_seed<n> sets after the overlay: its seed and its own name."""
+    _, seed = seed_replicate(experiment, config["experiments_dir"])
+    return {} if seed is None else {"seed": seed, "name": experiment}
+
+
+def seed_args(wildcards):
+    """--set arguments of a seed replicate's train and eval commands (empty for other runs)."""
+    return " ".join(f"--set {key}={value}" for key, value in seed_overrides(wildcards.experiment).items())
 
 
 def job_resource(job, key):
@@ -225,7 +238,8 @@ def run_fingerprint(wildcards):
     from replic.workflow.prepare import run_fingerprint as fingerprint
 
     try:
-        return fingerprint(experiment_config(wildcards), *_overlay_args(wildcards))
+        return fingerprint(experiment_config(wildcards), *_overlay_args(wildcards),
+                           overrides=seed_overrides(wildcards.experiment))
     except (ConfigError, FileNotFoundError) as err:
         raise WorkflowError(f"experiment '{wildcards.experiment}' at scale {wildcards.scale}: {err}") from None
 
@@ -288,3 +302,26 @@ def table_viz_inputs(wildcards):
         "summaries": [f"results/figures/{SCALE}/extremity/{e}.csv" for e in experiments],
         "figures": figures,
     }
+
+
+# The claims ledger (workflow/rules/claims.smk): the runs every claim at a scale reads.
+def claims_ledger():
+    from replic.workflow.claims import load_ledger
+
+    try:
+        return load_ledger(config["claims"], config["experiments_dir"])
+    except (ConfigError, FileNotFoundError) as err:
+        raise WorkflowError(f"claims ledger: {err}") from None
+
+
+def claims_inputs(wildcards):
+    """The evaluations of every run (seed replicates included) the ledger reads at a scale."""
+    runs = claims_ledger().runs(wildcards.scale)
+    return {
+        "detections": [f"{RUNS}/{wildcards.scale}/{run}/eval/detections.json" for run in runs],
+        "metrics": [f"{RUNS}/{wildcards.scale}/{run}/eval/metrics.json" for run in runs],
+    }
+
+
+def val_annotations(wildcards):
+    return f"{data_root(wildcards.scale)}/annotations/instances_val2017.json"

@@ -26,6 +26,7 @@ rule train:
     params:
         out=run_dir,
         resolved=run_fingerprint,
+        seed=seed_args,
         fail=fail_guard,
         force="--force" if config.get("force_retrain") else "",
     log:
@@ -54,7 +55,7 @@ rule train:
         "if [ {resources.gpu} -gt 1 ]; then"
         " launch='torchrun --standalone --nnodes=1 --nproc_per_node={resources.gpu} -m replic';"
         " else launch='replic'; fi; "
-        "$launch train --config {input.config} --scale {input.overlay} --out {params.out} {params.force}"
+        "$launch train --config {input.config} --scale {input.overlay} {params.seed} --out {params.out} {params.force}"
         " > {log} 2>&1"
 
 
@@ -70,6 +71,7 @@ rule evaluate:
     params:
         out=lambda wildcards: f"{run_dir(wildcards)}/eval",
         resolved=run_fingerprint,
+        seed=seed_args,
     log:
         f"{RUNS}/{{scale}}/{{experiment}}/logs/eval.log",
     benchmark:
@@ -87,5 +89,5 @@ rule evaluate:
         "export OMP_NUM_THREADS={threads}; "
         "if [ -n \"${{SLURM_JOB_ID:-}}\" ] && [ {resources.cpus_per_task} -gt 0 ]; then"
         " export OMP_NUM_THREADS={resources.cpus_per_task}; fi; "
-        "replic eval --config {input.config} --scale {input.overlay} --checkpoint {input.checkpoint}"
+        "replic eval --config {input.config} --scale {input.overlay} {params.seed} --checkpoint {input.checkpoint}"
         " --out {params.out} > {log} 2>&1"

@@ -38,6 +38,7 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/ks_detr.smk"
 include: "workflow/rules/maskd.smk"
 include: "workflow/rules/claims.smk"
+include: "workflow/rules/targets.smk"
 
 
 # Cheap bookkeeping runs on the submitting host, not as cluster jobs.
@@ -74,3 +75,4 @@ rule all:
         ],
         [f"results/figures/table_{name}_ap_vs_tokens.png" for name in PAPER_TABLES if name == "maskd_tokens"],
     default_target: True
+

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "replic.engine.pretrain",
     "replic.models.convert_cli",
     "replic.viz.cli",
+    "replic.workflow.tables_cli",
 )
 
 

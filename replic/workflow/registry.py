@@ -81,6 +81,9 @@ class JobCompute:
     runtime: int | None = None  # minutes; fixed
     minutes_per_epoch: float | None = None  # or estimated from the epochs
     max_runtime: int | None = None  # cap (minutes); longer runs resume on retry
+    # What one job typically takes (minutes, measured) where ``runtime`` is only a cap: the cost
+    # estimates of ``replic tables`` at CPU scales.
+    typical_minutes: float | None = None
 
     def validate(self) -> None:
         if self.gpu < 0 or self.mem_mb <= 0:
@@ -138,11 +141,13 @@ class Registry:
         names = self.tables if tables is None else tables
         return sorted({row.experiment for t in names for row in self.table(t).rows if row.experiment})
 
-    def resources(self, experiment: str, scale: str, job: str, epochs: int | None = None) -> dict[str, int]:
+    def resources(self, experiment: str, scale: str, job: str, epochs: int | None = None,
+                  capped: bool = True) -> dict[str, int]:
         """Snakemake resources (``gpu``, ``threads``, ``mem_mb``, ``runtime`` minutes) of one job.
 
         ``job`` is ``"train"`` or ``"eval"``. Paper-scale runtimes grow with the epochs
-        and with the factors of the experiment's traits (:func:`experiment_traits`).
+        and with the factors of the experiment's traits (:func:`experiment_traits`); ``capped``
+        False gives the whole run's time rather than one job's (a capped job resumes on retry).
         """
         if scale not in self.compute:
             raise ConfigError(f"unknown scale '{scale}'; known: {sorted(self.compute)}")
@@ -162,7 +167,7 @@ class Registry:
                     f"experiment '{experiment}': cannot estimate the runtime (no '<N>ep' in its name)"
                 )
             runtime = spec.minutes_per_epoch * epochs * runtime_factor
-        if spec.max_runtime is not None:
+        if spec.max_runtime is not None and capped:
             runtime = min(runtime, spec.max_runtime)
         threads = spec.threads if spec.threads is not None else spec.cpus_per_gpu * spec.gpu
         return {

@@ -325,3 +325,10 @@ def claims_inputs(wildcards):
 
 def val_annotations(wildcards):
     return f"{data_root(wildcards.scale)}/annotations/instances_val2017.json"
+
+
+def unknown_result_target(wildcards):
+    """The input function of the unknown_result rule, which only ever refuses."""
+    from replic.workflow.tables_cli import suggest_target
+
+    raise WorkflowError(suggest_target(f"results/{wildcards.unknown}", REGISTRY))

@@ -1,7 +1,10 @@
 """MasKD: Masked Distillation with Receptive Tokens (Huang et al., ICLR 2023, arXiv 2205.14589).
 
 Read next to docs/maskd.md and the authors' code (``hunto/MasKD`` @ b5af34f, files named below).
-Two stages, two methods:
+The paper's maths (receptive tokens, masks, mask weighting, Dice diversity, masked distillation)
+is :mod:`replic.methods.maskd_maths`, re-exported here; this module holds the plumbing around it:
+token checkpoints, feature taps, teacher and student setup, the options and the
+``TrainingMethod`` hooks. Two stages, two methods:
 
 * ``maskd_tokens`` (:class:`MaskdTokens`, stage 1, official ``mmdetection/maskd_hook.py``):
   **receptive tokens** are learned on a frozen teacher. T tokens per FPN level give T masks
@@ -32,7 +35,6 @@ ResNet stages feeding the FPN, an ablation). Only the CNN family has these taps.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,57 +47,19 @@ from replic.distill import TeacherSpec, build_teacher, read_teacher, teacher_fac
 from replic.distill.teacher import TeacherCheckpoint, TeacherError
 from replic.io import file_sha256
 from replic.methods.base import TrainingMethod
+from replic.methods.maskd_maths import ReceptiveTokens, dice_diversity, level_loss, masked_distillation
+
+# The maths is re-exported: this module is the method's entry point (the tests import it from here).
+__all__ = [
+    "MasKD", "MasKDOptions", "MaskdTokens", "MaskdTokensOptions", "Position", "ReceptiveTokens", "TokenBank",
+    "TokenError", "TokenSpec", "dice_diversity", "level_loss", "load_tokens", "masked_distillation",
+    "probe_channels", "tap_features", "tap_module", "token_state",
+]
 
 Position = Literal["fpn", "backbone"]
 
 
-# --------------------------------------------------------------------------- the token module
-class ReceptiveTokens(nn.Module):
-    """T receptive tokens on one feature level (official ``MaskModule``,
-    ``mmrazor/mmrazor/models/losses/maskd.py``).
-
-    Parameters (official names, so released checkpoints load): ``mask_token`` (T, C), initialised
-    N(0, 0.01); with ``weighting``, ``prob`` = Conv3×3(C→C) → global average pool → Conv1×1(C→T),
-    He-normal (fan-out) weights and zero biases.
-    """
-
-    def __init__(self, channels: int, num_tokens: int, weighting: bool = True,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.weighting = weighting
-        self.mask_token = nn.Parameter(torch.empty(num_tokens, channels).normal_(0.0, 0.01, generator=generator))
-        if weighting:
-            self.prob = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.AdaptiveAvgPool2d(1),
-                                      nn.Conv2d(channels, num_tokens, 1))
-            for conv in (self.prob[0], self.prob[2]):
-                fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
-                conv.weight.data.normal_(0.0, math.sqrt(2.0 / fan_out), generator=generator)
-                conv.bias.data.zero_()
-
-    @property
-    def num_tokens(self) -> int:
-        return self.mask_token.shape[0]
-
-    def masks(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) features → (N, T, H, W) masks ``sigmoid(token_t · x[:, :, h, w])``."""
-        return torch.einsum("tc,nchw->nthw", self.mask_token, x).sigmoid()
-
-    def weights(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) → (N, T) token weights p, a softmax over the tokens (uniform without weighting)."""
-        if not self.weighting:
-            return x.new_full((x.shape[0], self.num_tokens), 1.0 / self.num_tokens)
-        return self.prob(x).flatten(1).softmax(dim=1)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Stage 1: (masked features Σ_t p_t (x ⊙ M_t), masks). Without weighting: Σ_t x ⊙ M_t (official)."""
-        masks = self.masks(x)
-        if self.weighting:
-            coeff = masks * self.weights(x)[:, :, None, None]
-        else:
-            coeff = masks
-        return x * coeff.sum(dim=1, keepdim=True), masks
-
-
+# --------------------------------------------------------------------------- the token bank
 class TokenBank(nn.Module):
     """One :class:`ReceptiveTokens` per tapped level; ``mask_modules.<i>.…`` as the official state dict."""
 
@@ -103,41 +67,6 @@ class TokenBank(nn.Module):
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.mask_modules = nn.ModuleList(ReceptiveTokens(c, num_tokens, weighting, generator) for c in channels)
-
-
-def dice_diversity(masks: Tensor, eps: float = 1e-12) -> Tensor:
-    """Dice coefficient between every ordered pair (i ≠ j) of token masks, averaged (``dice_coeff``).
-
-    ``masks`` (N, T, H, W); d_ij = 2 Σ M_i M_j / (Σ M_i² + Σ M_j² + 2 eps), the mean over the batch and
-    the T(T−1) off-diagonal pairs. Minimising it makes the tokens look at different pixels. One
-    token has no pair: 0.
-    """
-    flat = masks.flatten(2)
-    num_tokens = flat.shape[1]
-    if num_tokens < 2:
-        return flat.sum() * 0.0
-    inter = flat @ flat.transpose(1, 2)  # (N, T, T): Σ M_i M_j
-    sq = (flat * flat).sum(-1) + eps  # (N, T)
-    dice = 2 * inter / (sq[:, :, None] + sq[:, None, :])
-    off = ~torch.eye(num_tokens, dtype=torch.bool, device=masks.device)
-    return dice[:, off].mean()
-
-
-def masked_distillation(student: Tensor, teacher: Tensor, masks: Tensor, weights: Tensor | None,
-                        eps: float = 1e-12) -> Tensor:
-    """One level of the MasKD loss (official ``MasKDLoss.forward``).
-
-    ``student`` / ``teacher`` (N, C, H, W) (student already aligned), ``masks`` (N, T, H, W),
-    ``weights`` (N, T) or None. Per (image, token, channel): Σ_pixels (M ⊙ (S − T))² / Σ_pixels M;
-    mean over channels, weighted sum over tokens, mean over images. Without weights: the mean over
-    images, tokens and channels (official ``weight_mask=False``). A mask with zero mass contributes
-    0 (its numerator is 0; the denominator is clamped at ``eps`` — the official code divides by 0).
-    """
-    diff = (masks[:, :, None] * (student - teacher)[:, None]) ** 2  # (N, T, C, H, W)
-    per = diff.sum((3, 4)) / masks.sum((2, 3)).clamp_min(eps)[:, :, None]  # (N, T, C)
-    if weights is None:
-        return per.mean()
-    return (per.mean(-1) * weights).sum(-1).mean()
 
 
 # --------------------------------------------------------------------------- feature taps
@@ -498,19 +427,14 @@ class MasKD(TrainingMethod):
         return out
 
     def distill_loss(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        """Σ over levels of :func:`masked_distillation` (aligned student vs teacher, teacher's masks)."""
+        """Σ over levels of :func:`~replic.methods.maskd_maths.level_loss` (aligned student vs teacher,
+        the teacher's masks, customised by the student's after the warm-up)."""
         o = self.options
         bank = self.frozen("tokens")
         customise = o.custom_mask and int(self.step) >= o.custom_mask_warmup
         total = student[0].new_zeros(())
         for s, t, align, tokens in zip(student, teacher, self.align, bank.mask_modules, strict=True):
-            s = align(s)
-            with torch.no_grad():
-                masks = tokens.masks(t)
-                if customise:
-                    masks = masks * tokens.masks(s)
-                weights = tokens.weights(t) if o.weighting else None
-            total = total + masked_distillation(s, t, masks, weights)
+            total = total + level_loss(align(s), t, tokens, customise, o.weighting)
         return total
 
     @staticmethod

@@ -1,4 +1,4 @@
-# KS-DETR attention figures (replic/methods/ks_detr_figure.py): for every KS run of a table, one
+# KS-DETR attention figures (replic/viz/ks_attention.py): for every KS run of a table, one
 # val image with its GT mask on the token grid and the student's vs each teacher's encoder
 # attention for a few foreground and background tokens, plus a CSV of the attention mass that
 # falls on foreground tokens, per run and map.
@@ -22,7 +22,7 @@ rule ks_attention_figure:
         ENV
     shell:
         "export OMP_NUM_THREADS={threads}; "
-        "python -m replic.methods.ks_detr_figure --checkpoint {input.checkpoint} --out {output.figure} > {log} 2>&1"
+        "python -m replic.viz.ks_attention --checkpoint {input.checkpoint} --out {output.figure} > {log} 2>&1"
 
 
 rule ks_attention_table:
@@ -39,4 +39,4 @@ rule ks_attention_table:
     conda:
         ENV
     shell:
-        "python -m replic.methods.ks_detr_figure collect --out {output} {input} > {log} 2>&1"
+        "python -m replic.viz.ks_attention collect --out {output} {input} > {log} 2>&1"

@@ -1,4 +1,4 @@
-# MasKD figures (replic/methods/maskd_figure.py): for every token run (stage 1) a table's students
+# MasKD figures (replic/viz/receptive_tokens.py): for every token run (stage 1) a table's students
 # use, the receptive-token masks of a few val images per level with each token's weight p_t, the
 # pairwise Dice between tokens and a summary JSON; per table, one index of those runs; for the
 # token-count table, AP against the number of tokens.
@@ -24,7 +24,7 @@ rule maskd_token_figures:
         ENV
     shell:
         "export OMP_NUM_THREADS={threads}; "
-        "python -m replic.methods.maskd_figure --checkpoint {input.checkpoint} --out {params.out} > {log} 2>&1"
+        "python -m replic.viz.receptive_tokens --checkpoint {input.checkpoint} --out {params.out} > {log} 2>&1"
 
 
 rule maskd_token_figures_table:
@@ -41,7 +41,7 @@ rule maskd_token_figures_table:
     conda:
         ENV
     shell:
-        "python -m replic.methods.maskd_figure collect {output} {input} > {log} 2>&1"
+        "python -m replic.viz.receptive_tokens collect {output} {input} > {log} 2>&1"
 
 
 rule maskd_ap_vs_tokens:
@@ -58,5 +58,5 @@ rule maskd_ap_vs_tokens:
     conda:
         ENV
     shell:
-        "python -m replic.methods.maskd_figure ap-vs-tokens {input.table} {output} {params.experiments}"
+        "python -m replic.viz.receptive_tokens ap-vs-tokens {input.table} {output} {params.experiments}"
         " {params.scale} > {log} 2>&1"

@@ -8,7 +8,7 @@ and teacher 2's map, which *is* A (share-A branch: it shares the student's atten
 differs only in its values). A JSON beside the figure gives, per map and token kind, the
 attention mass that falls on foreground tokens.
 
-    python -m replic.methods.ks_detr_figure --checkpoint runs/smoke/ks_cdetr_r50_50ep/checkpoint_final.pt \\
+    python -m replic.viz.ks_attention --checkpoint runs/smoke/ks_cdetr_r50_50ep/checkpoint_final.pt \\
         --out results/figures/smoke/ks_attention/ks_cdetr_r50_50ep.png
 """
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ``collect --out X.csv A.json B.json ...`` gathers summaries into one CSV."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["collect"]:
-        parser = argparse.ArgumentParser(prog="python -m replic.methods.ks_detr_figure collect")
+        parser = argparse.ArgumentParser(prog="python -m replic.viz.ks_attention collect")
         parser.add_argument("--out", required=True)
         parser.add_argument("summaries", nargs="*")
         ns = parser.parse_args(argv[1:])
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from replic.viz.loading import load_model_for_viz
     from replic.viz.plots import figure_png_bytes
 
-    parser = argparse.ArgumentParser(prog="python -m replic.methods.ks_detr_figure", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m replic.viz.ks_attention", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a KS-DETR run's checkpoint_final.pt")
     parser.add_argument("--out", required=True, help="PNG to write; the summary goes to the same name .json")
     parser.add_argument("--image", type=int, default=0,

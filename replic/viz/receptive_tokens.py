@@ -10,7 +10,7 @@ root, method options) and the tokens (``method``). For a few val images and one 
   the diagonal is 1 by definition, off-diagonal values near 0 mean the tokens are diverse);
 * ``summary.json``: per level, the mean p_t, the mean mask value per token and the Dice matrix.
 
-``python -m replic.methods.maskd_figure --checkpoint RUN/checkpoint_final.pt --out DIR [--images @0 @1]
+``python -m replic.viz.receptive_tokens --checkpoint RUN/checkpoint_final.pt --out DIR [--images @0 @1]
 [--level P3] [--data-root ROOT]``; ``… collect OUT.json SUMMARY.json...`` (index of a table's token runs);
 ``… ap-vs-tokens TABLE.csv OUT.png EXPERIMENTS_DIR [SCALE]`` (AP against T).
 """
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = argv[4] if len(argv) > 4 else "paper"
         plot_ap_vs_tokens(argv[1], argv[3], argv[2], scale)
         return 0
-    parser = argparse.ArgumentParser(prog="python -m replic.methods.maskd_figure", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m replic.viz.receptive_tokens", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a maskd_tokens run's checkpoint_final.pt")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--images", nargs="+", default=["@0", "@1", "@2"], help="val image ids, @N or files")

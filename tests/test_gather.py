@@ -174,3 +174,12 @@ def test_cli_gathers_and_reports_missing(tmp_path: Path, capsys: pytest.CaptureF
     assert "'ok': 2, 'missing': 2, 'cited': 1" in captured.out
     assert "missing failed:" in captured.err
     assert (tmp_path / "out" / "table_demo.csv").is_file()
+
+
+def test_a_table_from_several_commits_or_a_dirty_tree_says_so() -> None:
+    from replic.workflow.gather import code_state
+
+    assert code_state([("a" * 40, False), ("a" * 40, False)]) == ""
+    mixed = code_state([("a" * 40, False), ("b" * 40, True), ("b" * 40, False)])
+    assert "2 commits (aaaaaaaaaa, bbbbbbbbbb)" in mixed and "1 of 3 rows" in mixed and "dirty" in mixed
+    assert "dirty" in code_state([("a" * 40, True)]) and "commits" not in code_state([("a" * 40, True)])

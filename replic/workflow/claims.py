@@ -39,6 +39,7 @@ import numpy as np
 
 from replic.config import ConfigError, from_dict, load_yaml
 from replic.io import atomic_write_text
+from replic.workflow.gather import code_state
 from replic.workflow.registry import SCALES, seed_replicates
 
 KINDS = ("pair", "ordering", "gain_difference")
@@ -324,7 +325,12 @@ def ledger_markdown(results: list[ClaimResult], ledger: Ledger, scale: str, runs
             out.append(f"| {name} | {claim.paper if i == 0 else ''} | {claim.where if i == 0 else ''} | "
                        f"{comp.label} | {comp.seeds} | {comp.effect:+.2f} | "
                        f"[{_fmt(comp.low)}, {_fmt(comp.high)}]{assumed} | {published} | {verdict} |")
-    out += ["", "† beyond the papers: a question none of them asked.", "", "## Claims", ""]
+    out += ["", "† beyond the papers: a question none of them asked.", ""]
+    state = code_state([(r.get("train_git_commit"), r.get("train_git_dirty"))
+                        for r in (_run_provenance(Path(runs_dir) / scale / n) for n in ledger.runs(scale))])
+    if state:
+        out += [state, ""]
+    out += ["## Claims", ""]
     for result in results:
         claim = result.claim
         names = [n for row in claim.rows for n in seed_replicates(row, ledger.seeds(claim, scale))]

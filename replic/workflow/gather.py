@@ -332,7 +332,25 @@ def render_markdown(name: str, table: Table, scale: str, rows: list[GatheredRow]
         lines.append("| " + " | ".join(cells) + " |")
     counts = {s: sum(g.status == s for g in rows) for s in (STATUS_OK, STATUS_MISSING, STATUS_CITED)}
     lines += ["", f"Rows: {counts[STATUS_OK]} ok, {counts[STATUS_MISSING]} missing, {counts[STATUS_CITED]} cited.", ""]
+    state = code_state([(g.run.git_commit, g.run.git_dirty) for g in rows if g.status == STATUS_OK and g.run])
+    if state:
+        lines += [state, ""]
     return "\n".join(lines)
+
+
+def code_state(commits: list[tuple[str | None, bool | None]]) -> str:
+    """A warning line when rows come from more than one commit or from a dirty tree ('' when not).
+
+    A table is only as comparable as the code behind its rows: say so where it is read.
+    """
+    distinct = sorted({c or "unknown" for c, _ in commits})
+    dirty = sum(1 for _, d in commits if d)
+    notes = []
+    if len(distinct) > 1:
+        notes.append(f"rows come from {len(distinct)} commits ({', '.join(c[:10] for c in distinct)})")
+    if dirty:
+        notes.append(f"{dirty} of {len(commits)} rows were trained from a dirty tree (uncommitted changes)")
+    return ("**Code state:** " + "; ".join(notes) + " — see the .provenance.json.") if notes else ""
 
 
 def render_provenance(

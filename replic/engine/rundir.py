@@ -15,6 +15,7 @@ from replic.config import config_hash, to_dict
 from replic.data.io import atomic_write_bytes
 from replic.io import atomic_write_json, file_sha256
 from replic.engine.config import ExperimentConfig
+from replic.engine.tensorboard import EVENT_GLOB
 
 
 log = logging.getLogger("replic.engine")
@@ -34,11 +35,18 @@ class RunPaths:
         self.inputs = self.root / "inputs.json"
         self.provenance = self.root / "provenance.json"
         self.metrics = self.root / "metrics.jsonl"
+        # The run's log records (appended by each process that trains into the directory); the
+        # workflow's logs/train.log is the job's stdout/stderr, another file.
+        self.train_log = self.root / "train.log"
         self.checkpoints = self.root / "checkpoints"
         self.last = self.checkpoints / "last.pt"
         self.final = self.root / "checkpoint_final.pt"
         self.done = self.root / "done.json"
         self.eval_dir = self.root / "eval"
+
+    def event_files(self) -> list[Path]:
+        """The TensorBoard event files in the directory (one per process that trained into it)."""
+        return sorted(self.root.glob(EVENT_GLOB)) if self.root.is_dir() else []
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -184,7 +192,8 @@ def prepare(paths: RunPaths, cfg: ExperimentConfig, *, force: bool, write: bool,
         for stale in (paths.checkpoints, paths.eval_dir):
             if stale.exists():
                 shutil.rmtree(stale)
-        for stale in (paths.metrics, paths.done, paths.final):
+        # The logs too: a run started afresh must not draw the old run's curves or lines.
+        for stale in (paths.metrics, paths.done, paths.final, paths.train_log, *paths.event_files()):
             if stale.exists():
                 stale.unlink()
     if write:

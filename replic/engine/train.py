@@ -32,7 +32,7 @@ from replic.engine.checkpoint import (
 )
 from replic.engine.config import ExperimentConfig
 from replic.engine.optim import after_optimizer_step, build_optimizer, build_scheduler
-from replic.engine.progress import MetricsLog, Progress
+from replic.engine.progress import MetricsLog, Progress, StepMeter, format_step_line
 from replic.engine.rundir import RunPaths, prepare, run_inputs
 from replic.engine.runtime import (
     autocast_context,
@@ -46,6 +46,7 @@ from replic.engine.runtime import (
     worker_init,
 )
 from replic.engine.sampling import EpochBatchSampler, SeededDataset
+from replic.engine.tensorboard import TensorBoardLog
 from replic.methods import MethodStep, build_method
 
 log = logging.getLogger("replic.engine")
@@ -54,6 +55,10 @@ log = logging.getLogger("replic.engine")
 from replic.engine.exit_codes import EXIT_PREEMPTED  # noqa: E402  (re-exported)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# RUN_DIR/train.log: the console's format with the date (a run can span days).
+TRAIN_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TRAIN_LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,6 +122,9 @@ class Trainer:
         self.resume_requested = resume
         self.show_progress = progress
         self.stop = StopFlag()
+        self.file_log: logging.Handler | None = None
+        self.tensorboard: TensorBoardLog | None = None
+        self.bar: Progress | None = None
 
     # ---------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -129,6 +137,9 @@ class Trainer:
         self.method = build_method(cfg, run_dir=self.paths.root)
         self.inputs = run_inputs(cfg, self.method.input_files())
         same = prepare(self.paths, cfg, force=self.force, write=self.dist.is_main, inputs=self.inputs)
+        if self.dist.is_main:
+            # Only now: a directory refused by prepare() (another run's) gets no lines of this one.
+            self._open_train_log(continuing=same)
         distributed.barrier()
         if self.resume_requested and not self.paths.last.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.paths.last}")
@@ -177,7 +188,11 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.train.find_unused_parameters,
             )
-        self.metrics = MetricsLog(self.paths.metrics)
+        if self.dist.is_main:
+            self.tensorboard = TensorBoardLog.open(
+                self.paths.root, resume_step=self.global_step if self.resume_from is not None else None)
+        self.metrics = MetricsLog(self.paths.metrics,
+                                  mirrors=[self.tensorboard.write] if self.tensorboard else [])
         if self.dist.is_main:
             if self.resume_from is not None:
                 self.metrics.truncate_after(self.global_step)
@@ -193,6 +208,39 @@ class Trainer:
                                       "global_step": self.global_step}},
             )
             atomic_write_json(self.paths.provenance, record)
+
+    def _open_train_log(self, *, continuing: bool) -> None:
+        """Send this process's log records (INFO and up) to ``RUN_DIR/train.log`` too, appending.
+
+        The workflow's ``logs/train.log`` is the job's redirected stdout/stderr, another file;
+        this one exists for runs started by hand as well.
+        """
+        handler = logging.FileHandler(self.paths.train_log, mode="a", encoding="utf-8")
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter(TRAIN_LOG_FORMAT, TRAIN_LOG_DATEFMT))
+        logging.getLogger().addHandler(handler)
+        self.file_log = handler
+        log.info("run directory %s (%s); log: %s", self.paths.root,
+                 "continuing" if continuing else "new run", self.paths.train_log)
+
+    def _close_logs(self, error: BaseException | None) -> None:
+        """Close the event file and train.log; an error that ends the run is recorded in train.log."""
+        try:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
+        finally:
+            # Whatever happened above, the handler leaves the root logger (in-process callers
+            # would otherwise write their next run's lines into this directory).
+            if self.file_log is not None:
+                if error is not None:
+                    # To the file only: the console already gets it (the CLI's line or a traceback).
+                    self.file_log.handle(logging.LogRecord(
+                        log.name, logging.ERROR, __file__, 0, "training ended by %s: %s",
+                        (type(error).__name__, error), (type(error), error, error.__traceback__)))
+                logging.getLogger().removeHandler(self.file_log)
+                self.file_log.close()
+                self.file_log = None
 
     def _use_feature_cache(self, detector: torch.nn.Module) -> None:
         """Train from cached frozen-backbone maps (``train.feature_cache``; same outputs, see the module)."""
@@ -240,6 +288,8 @@ class Trainer:
         state = self._state()
         if self.dist.is_main:
             atomic_torch_save(state, self.paths.last)
+            if self.tensorboard is not None:
+                self.tensorboard.flush()
         distributed.barrier()
 
     def _load(self, path: Path) -> None:
@@ -273,8 +323,20 @@ class Trainer:
     def _log_step(self, values: dict[str, float], t0: float) -> None:
         values = distributed.all_reduce_mean(values, self.device)
         if self.dist.is_main:
+            lrs = self._lrs()
             self.metrics.write({"type": "step", "epoch": self.epoch, "step": self.global_step,
-                                **self._lrs(), **values, "time": time.time() - t0})
+                                **lrs, **values, "time": time.time() - t0})
+            # The log line shows the values just written (the all-reduced mean), nothing else.
+            stats = self.meter.update(self.global_step, values["loss"])
+            mem = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None)
+            if self.bar is not None:
+                self.bar.clear()
+            log.info("%s", format_step_line(
+                epoch=self.epoch, epoch_step=self.step_in_epoch, epoch_steps=self.steps_per_epoch,
+                step=self.global_step, total=self.meter.total_steps, eta_s=stats["eta_s"],
+                loss=values["loss"], smoothed=stats["smoothed"],
+                lr=lrs.get("lr_main", next(iter(lrs.values()), None)),
+                sec_per_step=stats["sec_per_step"], mem_bytes=mem))
 
     def _log_epoch(self, seconds: float) -> None:
         count = max(1, self.epoch_count)
@@ -358,13 +420,18 @@ class Trainer:
     def run(self) -> int:
         """Train to the end (0), or until a stop signal (``EXIT_PREEMPTED`` after a checkpoint)."""
         self.stop.install()
+        error: BaseException | None = None
         try:
             self._setup()
             if self.already_done:
                 log.info("%s is already complete (%s); nothing to do", self.paths.root, self.paths.done)
                 return 0
             return self._run()
+        except BaseException as err:
+            error = err
+            raise
         finally:
+            self._close_logs(error)
             self.stop.restore()
             distributed.shutdown()
 
@@ -372,9 +439,15 @@ class Trainer:
         max_steps = self.cfg.train.max_steps
         return max_steps is not None and self.global_step >= max_steps
 
+    def _total_steps(self) -> int:
+        total = self.cfg.train.epochs * self.steps_per_epoch
+        max_steps = self.cfg.train.max_steps
+        return total if max_steps is None else min(total, max_steps)
+
     def _run(self) -> int:
         cfg = self.cfg
         t0 = time.time()
+        self.meter = StepMeter(self._total_steps(), self.global_step)
         if self.dist.is_main:
             log.info("training %s (%s scale) on %s x%d: %d images, %d steps/epoch, epochs %d..%d",
                      cfg.name, cfg.scale, self.device, self.dist.world_size, len(self.dataset),
@@ -384,9 +457,10 @@ class Trainer:
             epoch_t0 = time.time()
             self.model.train()
             self.criterion.train()
-            bar = Progress(self.steps_per_epoch, f"epoch {self.epoch}", start=self.step_in_epoch,
-                           enabled=self.dist.is_main and self.show_progress,
-                           plain_every=cfg.train.log_every)
+            # No plain lines off a terminal: the step line (_log_step) is logged at the same interval.
+            bar = self.bar = Progress(self.steps_per_epoch, f"epoch {self.epoch}", start=self.step_in_epoch,
+                                      enabled=self.dist.is_main and self.show_progress,
+                                      plain_every=cfg.train.log_every, plain=False)
             for batch in self._loader(self.epoch, self.step_in_epoch):
                 values = self._train_step(batch)
                 self.global_step += 1
@@ -412,6 +486,7 @@ class Trainer:
                 if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
                     self.save()
             bar.close()
+            self.bar = None
             if self.step_in_epoch < self.steps_per_epoch:
                 break  # max_steps reached mid-epoch
             self._log_epoch(time.time() - epoch_t0)

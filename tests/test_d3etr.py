@@ -9,11 +9,12 @@ terms > 1e-5 (the smallest measured: 1e-4, cross-attention of the perturbed laye
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
 
-from replic.config import from_dict, to_dict
+from replic.config import ConfigError, from_dict, to_dict
 from replic.distill import TeacherError
 from replic.engine.config import ExperimentConfig
 from replic.methods import MethodStep, build_method
@@ -209,3 +210,120 @@ def test_cached_backbone_maps_give_the_same_d3etr_terms_as_images(tmp_path):
     (tmp_path / "other").mkdir()
     other, other_student, _ = _setup(tmp_path / "other", student_model=MODEL, seed=2)
     assert "teacher's backbone differs" in other.feature_cache_reason(other_student)
+
+
+# ----------------------------------------------------------------------------- refused before training
+def _config(student: dict, teacher_file, **method):
+    return from_dict(ExperimentConfig, {"model": student, "method": {
+        "name": "d3etr", "teacher": {"checkpoint": str(teacher_file)}, **method}})
+
+
+def test_softmax_detr_student_or_teacher_is_refused_before_training(tmp_path):
+    """D³ETR's class terms are sigmoid: a softmax model's logits carry a no-object column."""
+    _teacher_file(tmp_path / "teacher.pt", MODEL)
+    # The student: refused when the config loads (no teacher read, no model built).
+    with pytest.raises(ConfigError, match=r"method\.name: d3etr: the student's model is DETR \(model\.arch: detr, "
+                                          r"model\.focal_loss: false\).*no-object column.*sigmoid"):
+        _config({**MODEL, "arch": "detr"}, tmp_path / "teacher.pt")
+    with pytest.raises(ConfigError, match=r"student's model is conditional_detr with focal_loss: false"):
+        _config({**MODEL, "focal_loss": False}, tmp_path / "teacher.pt")
+    # The teacher: refused by check_inputs, naming its file, before the student is built.
+    _teacher_file(tmp_path / "detr.pt", {**MODEL, "arch": "detr"})
+    method = build_method(_config(MODEL, tmp_path / "detr.pt"))
+    with pytest.raises(TeacherError, match=r"detr\.pt: method d3etr: the teacher's model is DETR.*no-object"):
+        method.check_inputs()
+    # A sigmoid DETR (arch detr, focal_loss: true) has no no-object column: accepted.
+    _config({**MODEL, "arch": "detr", "focal_loss": True}, tmp_path / "teacher.pt")
+    # A CNN detector has no decoder to distil.
+    cnn = types.SimpleNamespace(model=types.SimpleNamespace(arch="retinanet"),
+                                method={"name": "d3etr", "teacher": {"checkpoint": str(tmp_path / "teacher.pt")}})
+    with pytest.raises(ConfigError, match=r"method\.name: d3etr distils a DETR decoder.*no transformer decoder"):
+        build_method(cnn)
+
+
+def test_attention_signals_without_aux_outputs_are_refused_before_training(tmp_path):
+    """Without aux outputs the decoder returns attention maps of every layer but predictions of the
+    last only, which the first training step could not pair: refused up front, keys named."""
+    _teacher_file(tmp_path / "teacher.pt", MODEL)
+    no_aux = {**MODEL, "aux_loss": False}
+    for signals in (["self_attn"], ["predictions", "cross_attn"]):
+        with pytest.raises(ConfigError, match=r"method\.signals: .* needs model\.aux_loss: true.*method\.layers: "
+                                              r"'last' use method\.signals: \[predictions\]"):
+            _config(no_aux, tmp_path / "teacher.pt", layers="last", signals=signals)
+    # Predictions alone pair the last layers: accepted, and the step runs.
+    cfg = _config(no_aux, tmp_path / "teacher.pt", layers="last", signals=["predictions"])
+    method = build_method(cfg)
+    method.check_inputs()
+    student, criterion = build_model(cfg.model), build_criterion(cfg.model)
+    method.setup(student, criterion, torch.device("cpu"))
+    images, mask, targets = _batch()
+    losses = criterion(method.forward_train(student, images, mask, targets), targets)
+    assert sorted(k for k in losses if k.startswith("d3_")) == [
+        "d3_ada_bbox", "d3_ada_class", "d3_ada_giou", "d3_fix_bbox", "d3_fix_class", "d3_fix_giou"]
+    # A teacher without aux outputs: the same pairing problem on its side, refused by check_inputs.
+    _teacher_file(tmp_path / "no_aux.pt", no_aux)
+    method = build_method(_config(MODEL, tmp_path / "no_aux.pt", layers="last", matching="adaptive"))
+    with pytest.raises(TeacherError, match=r"no_aux\.pt: the teacher was trained with aux_loss: false"):
+        method.check_inputs()
+
+
+# ----------------------------------------------------------------------------- index order, dropout
+def test_a_self_teacher_with_permuted_queries_gives_vanishing_adaptive_terms(tmp_path):
+    """The teacher is the student with its queries shuffled: matched pairs compute the same function,
+    so every adaptive term vanishes; reading the pairs the wrong way round (student at the teacher's
+    index) does not, which is what the equal-query-count tests above could not tell apart."""
+    method, student, criterion = _setup(tmp_path, {"matching": "adaptive"})
+    teacher = method.frozen("teacher")
+    perm = torch.tensor([1, 2, 0, 5, 3, 4, 7, 6])  # teacher query j = student query perm[j]
+    assert not torch.equal(perm[perm], torch.arange(len(perm)))  # not an involution: swapped ≠ right
+    with torch.no_grad():
+        teacher.query_embed.weight.copy_(student.query_embed.weight[perm])
+    images, mask, targets = _batch(seed=4)
+    out = method.forward_train(student, images, mask, targets)
+    terms = _distill_terms(criterion(out, targets), criterion.weight_dict)
+    # 5 signals × 3 layers, adaptive only
+    assert len(terms) == 15 and all(abs(v) < ZERO for v in terms.values()), terms
+
+    s_layers, t_layers = layer_outputs(out), layer_outputs(out["distill_teacher"])
+    for layer, (s_layer, t_layer) in enumerate(zip(s_layers, t_layers)):
+        indices = method.matcher(s_layer, t_layer)
+        assert all(torch.equal(s, perm[t]) for s, t in indices)  # not the identity
+        swapped = [(t, s) for s, t in indices]
+        with torch.no_grad():
+            wrong = method._pair_terms("d3_ada_", "", s_layer, t_layer, swapped, out, out["distill_teacher"])
+        for key, value in wrong.items():
+            assert float(value) * criterion.weight_dict[key] > POSITIVE, (layer, key)
+
+
+def test_distilled_attention_maps_are_the_pre_dropout_softmax_maps(tmp_path):
+    """Dropout in train mode: the student's maps that reach the attention terms are the softmax weights
+    before dropout (dropped maps would have rows of 0 and 1/(1-p)-scaled entries, summing ≠ 1)."""
+    model = {**MODEL, "dropout": 0.5}
+    method, student, criterion = _setup(tmp_path, student_model=model, seed=7)
+    images, mask, targets = _batch()
+    student.train()
+    torch.manual_seed(0)
+    out = method.forward_train(student, images, mask, targets)
+    memory_pad = out["memory_mask"]
+    assert memory_pad.any() and (~memory_pad).any()
+    groups = [out, out["extra_groups"][0]]
+    for group in groups:
+        for layer in layer_outputs(group):
+            maps = layer["attention"]
+            torch.testing.assert_close(maps["self_attn"].sum(-1), torch.ones_like(maps["self_attn"][..., 0]),
+                                       rtol=0, atol=1e-5)
+            cross = maps["cross_attn"]
+            torch.testing.assert_close(cross.sum(-1), torch.ones_like(cross[..., 0]), rtol=0, atol=1e-5)
+            assert not cross.masked_select(memory_pad[:, None, None, :]).any()  # padded keys: exactly 0
+    # Layer 0's self-attention input (content 0 + query_pos) is not dropped, so its map must equal
+    # the eval-mode map bit for bit; a map taken after dropout would not.
+    student.eval()
+    with torch.no_grad():
+        reference = student(images, mask, return_attention=True)
+    torch.testing.assert_close(layer_outputs(out)[0]["attention"]["self_attn"],
+                               layer_outputs(reference)[0]["attention"]["self_attn"], rtol=0, atol=1e-6)
+    # And dropout is on: the train-mode predictions differ from eval's.
+    assert (out["pred_logits"] - reference["pred_logits"]).abs().max() > 1e-3
+    # The terms are computed from those maps (finite, non-zero: the student is not the teacher).
+    terms = _distill_terms(criterion(out, targets), criterion.weight_dict)
+    assert all(v > 0 for k, v in terms.items() if "attn" in k)

@@ -120,6 +120,73 @@ def test_parameter_count_matches_the_official_packed_projection(variant, rows):
     assert n_ks == n_plain + (rows - 3) * (E * E + E) + smlp
 
 
+def _assert_xavier_uniform(name: str, weight: torch.Tensor) -> None:
+    """Drawn from U(±√(6/(fan_in+fan_out))): inside the bound, reaching near it, with its std.
+
+    PyTorch's default Linear init is U(±1/√fan_in): for a square E×E matrix that bound is 1/√3 of
+    xavier's, so the "reaches 0.9 × bound" check fails for it."""
+    fan_out, fan_in = weight.shape
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+    top = float(weight.abs().max())
+    assert top <= bound * (1 + 1e-6), (name, top, bound)
+    assert top > 0.9 * bound, (name, top, bound)
+    assert abs(float(weight.std()) / (bound / 3 ** 0.5) - 1) < 0.1, (name, float(weight.std()), bound)
+
+
+@pytest.mark.parametrize("variant,masking", [("triple", "sMLP"), ("share_a", "Mark"), ("share_v", "sMLP")])
+def test_every_matrix_of_a_fresh_ks_layer_is_xavier_uniform_like_the_plain_layers(variant, masking):
+    """Official: detrex ConditionalDetrTransformer.init_weights xaviers every dim > 1 parameter of
+    the transformer, the KS layer's out_proj included; the sMLP sits on the model (ksgt) and keeps
+    PyTorch's default. replic's plain layer gets the same from Transformer._reset_parameters."""
+    width = 64
+    mc = tiny_config(hidden_dim=width, nheads=4, dim_feedforward=128, enc_layers=2)
+    cfg = types.SimpleNamespace(model=mc, method={"name": "ks_detr", "variant": variant, "token_masking": masking})
+    torch.manual_seed(0)
+    model = build_method(cfg).build_model()
+    plain, ks = model.transformer.encoder.layers
+    assert isinstance(ks, KSEncoderLayer) and not isinstance(plain, KSEncoderLayer)
+    checked = []
+    for tag, layer in (("plain", plain), ("ks", ks)):
+        for name, param in layer.named_parameters():
+            if param.dim() > 1 and not name.startswith("smlp."):
+                _assert_xavier_uniform(f"{tag}.{name}", param.detach())
+                checked.append(f"{tag}.{name}")
+    assert "ks.self_attn.out_proj.weight" in checked and "ks.self_attn.in_proj_weight" in checked
+    assert sorted(n for n in checked if n.startswith("ks.")) == sorted(
+        "ks." + n for n, p in plain.named_parameters() if p.dim() > 1)  # same matrices as the plain layer
+    if masking == "sMLP":
+        weight = ks.smlp.linear.weight.detach()
+        assert float(weight.abs().max()) <= width ** -0.5  # PyTorch's default U(±1/√fan_in), as official
+
+
+def test_ks_layer_keeps_the_plain_layers_dropout_after_attention():
+    """Decision (docs/ks_detr.md): the official KS layer has no dropout after its attention, but
+    neither has any detrex encoder layer (proj_drop 0); replic's detector core is the official
+    Conditional DETR, whose encoder layer drops the attention output, so the KS layer keeps exactly the
+    plain layer's dropouts. Pinned: in train mode, with the same weights and random stream, the KS
+    layer's student path is the plain layer bit for bit (it would not be without dropout1)."""
+    torch.manual_seed(0)
+    plain = TransformerEncoderLayer(E, HEADS, 32, 0.3)
+    ks = KSEncoderLayer(E, HEADS, 32, 0.3, KSOptions())
+    state = {k: v for k, v in ks.state_dict().items() if not k.startswith("smlp.")}
+    for key in ("self_attn.in_proj_weight", "self_attn.in_proj_bias"):
+        state[key] = state[key][:3 * E]
+    plain.load_state_dict(state, strict=True)
+    plain.train()
+    ks.train()
+    src, pos = _tokens()
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 9:] = True
+    torch.manual_seed(5)
+    want = plain(src, pos, padding)
+    torch.manual_seed(5)
+    got = ks(src, pos, padding)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert ks.dropout1.p == ks.dropout.p == ks.dropout2.p == ks.self_attn.dropout == 0.3
+    with torch.no_grad():  # dropout is really on: eval differs
+        assert (ks.eval()(src, pos, padding) - got).abs().max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- GT mask
 def test_gt_mask_on_hand_made_boxes_and_padding_equals_a_hand_computed_grid():
     # Image 8×8 (target size), padded to 8×12; grid 3×4 samples rows y = 0, 3.5, 7 and

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from replic.config import ConfigError
 from replic.distill import (
+    TeacherError,
     TeacherSpec,
     TeacherStudentMatcher,
     attention_map_loss,
@@ -119,6 +120,7 @@ class D3ETR(TrainingMethod):
 
     def __init__(self, cfg: Any, options: D3ETROptions) -> None:
         super().__init__(cfg, options)
+        self.check_config(cfg, options)  # also when built from a config that skipped validation
         self.matcher = TeacherStudentMatcher(options.cost_class, options.cost_bbox, options.cost_giou)
         self._teacher_ckpt: Any = None
         self._refs: dict[str, Any] = {}  # the criterion, kept out of the module tree
@@ -136,6 +138,26 @@ class D3ETR(TrainingMethod):
     def uses_attention(self) -> bool:
         return "self_attn" in self.options.signals or "cross_attn" in self.options.signals
 
+    @classmethod
+    def check_config(cls, cfg: Any, options: D3ETROptions) -> None:
+        """Student-side checks, when the config loads (the teacher is checked in :meth:`check_inputs`)."""
+        model = cfg.model
+        if getattr(model, "dec_layers", None) is None:  # e.g. model.family: cnn
+            raise ConfigError(f"method.name: d3etr distils a DETR decoder, but this model ({type(model).__name__}) "
+                              "has no transformer decoder")
+        student = model.resolved()
+        if not student.focal_loss:
+            raise ConfigError(f"method.name: d3etr: {_softmax_kind('the student', student)}")
+        if not student.aux_loss and options.layers == "all":
+            raise ConfigError("method.layers: 'all' distils every decoder layer, which needs model.aux_loss: true")
+        uses_attention = "self_attn" in options.signals or "cross_attn" in options.signals
+        if not student.aux_loss and uses_attention:
+            # The decoder returns attention maps of every layer but, without aux outputs, predictions of
+            # the last only: the per-layer pairing of maps and predictions has nothing to pair with.
+            raise ConfigError(f"method.signals: {list(options.signals)} distil attention maps layer by layer, "
+                              "which needs model.aux_loss: true (with model.aux_loss: false and method.layers: "
+                              f"{options.layers!r} use method.signals: [predictions])")
+
     def input_files(self) -> dict[str, Path]:
         return {"method.teacher": teacher_path(self.options.teacher, self.run_dir)}
 
@@ -145,8 +167,17 @@ class D3ETR(TrainingMethod):
         path = teacher_path(spec, self.run_dir)
         ckpt = read_teacher(path, expect_experiment=spec.experiment)
         student = self.cfg.model
-        if not student.resolved().aux_loss and self.options.layers == "all":
-            raise ConfigError("method.layers: 'all' distils every decoder layer, which needs model.aux_loss: true")
+        if getattr(ckpt.model_config, "dec_layers", None) is None:
+            raise TeacherError(f"{path}: the teacher ({type(ckpt.model_config).__name__}) has no transformer decoder "
+                               "to distil (method d3etr needs a DETR-family teacher)")
+        teacher = ckpt.model_config.resolved()
+        if not teacher.focal_loss:
+            raise TeacherError(f"{path}: method d3etr: {_softmax_kind('the teacher', teacher)}")
+        if not teacher.aux_loss and self.uses_attention:
+            raise TeacherError(f"{path}: the teacher was trained with aux_loss: false (predictions of its last "
+                               f"decoder layer only), so method.signals {list(self.options.signals)} cannot pair its "
+                               "attention maps with predictions: use a teacher with aux_loss: true or "
+                               "method.signals: [predictions]")
         check_teacher_fits(ckpt.model_config, student, path,
                            same_hidden=self.uses_fixed,
                            same_layers=self.options.layers == "all",
@@ -296,6 +327,14 @@ def layer_outputs(out: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(f"{len(attention)} attention layers for {len(preds)} prediction layers (aux_loss off?)")
         preds = [{**p, "attention": a} for p, a in zip(preds, attention)]
     return preds
+
+
+def _softmax_kind(who: str, model: Any) -> str:
+    """Why a softmax (no-object) model cannot take part; ``model`` is a resolved ModelConfig."""
+    kind = "DETR" if model.arch == "detr" else f"{model.arch} with focal_loss: false"
+    return (f"{who}'s model is {kind} (model.arch: {model.arch}, model.focal_loss: false): softmax classes with "
+            "a no-object column, but D³ETR's class terms and matching cost are sigmoid (focal), as in TPRD; use a "
+            "Conditional DETR student and teacher (or model.focal_loss: true)")
 
 
 def _plain(options: D3ETROptions) -> dict[str, Any]:

@@ -284,10 +284,17 @@ class KSEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        # Teacher-only module (official: one sMLP instance on the model); unused at test time.
+        # The layer is built after the detector's Transformer._reset_parameters ran, so redo what it
+        # does to every dim > 1 parameter (xavier_uniform_; official detrex
+        # ConditionalDetrTransformer.init_weights covers the KS layer too): the packed in-projection,
+        # out_proj (else PyTorch's default Linear init) and the FFN.
+        for param in self.parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+        # Teacher-only module (official: one sMLP instance on the model); unused at test time. Built
+        # after the loop: the official sMLP sits on the model's ksgt, outside the transformer whose
+        # init_weights runs xavier, so it keeps PyTorch's default Linear init.
         self.smlp = SMLP(d_model) if options.token_masking == "sMLP" else None
-        for name in ("linear1", "linear2"):  # as Transformer._reset_parameters does for every dim > 1
-            nn.init.xavier_uniform_(getattr(self, name).weight)
 
     @classmethod
     def replacing(cls, layer: TransformerEncoderLayer, options: KSOptions) -> KSEncoderLayer:
@@ -323,6 +330,8 @@ class KSEncoderLayer(nn.Module):
             identity, attn = src.repeat(streams, 1, 1), torch.cat(outs, dim=0)
         else:
             identity, attn = src, outs[0]
+        # dropout1 as in the plain layer this one replaces; the official (detrex) layers have none after
+        # attention, regular or KS alike (proj_drop 0): kept so KS and baseline differ only in attention.
         x = self.norm1(identity + self.dropout1(attn))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout2(ffn))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from replic.config import load_yaml
+from replic.engine.rundir import flatten
 from replic.eval.coco_eval import METRIC_NAMES, ap_points
 
 # Environment facts of provenance.json compared beside the packages: (label, path in the record).
@@ -32,16 +33,6 @@ ENVIRONMENT_KEYS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("world_size", ("world_size",)),
 )
 ABSENT = "<absent>"
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as ``{"a.b.c": value}`` (lists and scalars are leaves)."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: data}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -49,18 +49,19 @@ class RunPaths:
         return sorted(self.root.glob(EVENT_GLOB)) if self.root.is_dir() else []
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{"a.b.c": value}`` (lists and scalars are leaves)."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: data}
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 10) -> list[str]:
     """Human-readable ``key: old -> new`` lines for two resolved configs."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
@@ -77,8 +78,8 @@ LAYOUT_ONLY_KEYS = frozenset({"model.channels_last"})
 
 
 def _same_function(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    a = {k: v for k, v in _flatten(old).items() if k not in LAYOUT_ONLY_KEYS}
-    b = {k: v for k, v in _flatten(new).items() if k not in LAYOUT_ONLY_KEYS}
+    a = {k: v for k, v in flatten(old).items() if k not in LAYOUT_ONLY_KEYS}
+    b = {k: v for k, v in flatten(new).items() if k not in LAYOUT_ONLY_KEYS}
     return a == b
 
 

@@ -183,3 +183,248 @@ def test_a_table_from_several_commits_or_a_dirty_tree_says_so() -> None:
     mixed = code_state([("a" * 40, False), ("b" * 40, True), ("b" * 40, False)])
     assert "2 commits (aaaaaaaaaa, bbbbbbbbbb)" in mixed and "1 of 3 rows" in mixed and "dirty" in mixed
     assert "dirty" in code_state([("a" * 40, True)]) and "commits" not in code_state([("a" * 40, True)])
+
+
+# ------------------------------------------------------------------------------------ figures
+# Checked on matplotlib's objects, not pixels: what a reader needs from each figure.
+
+from replic.workflow.gather import (  # noqa: E402
+    NAN,
+    STATUS_CITED,
+    STATUS_MISSING,
+    STATUS_OK,
+    GatheredRow,
+    RunResult,
+    build_ap_bars,
+    build_curves,
+    figure_labels,
+)
+from replic.workflow.registry import Row, Table  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fig_row(row_id: str, label: str, **kwargs: object) -> Row:
+    return Row(id=row_id, label=label, source="Table 1", experiment=kwargs.pop("experiment", f"exp_{row_id}"),
+               **kwargs)  # type: ignore[arg-type]
+
+
+def _ok(row: Row, ap: float, run: RunResult | None = None) -> GatheredRow:
+    run = run or RunResult(run_dir=f"runs/smoke/{row.experiment}", metrics={"AP": ap / 100})
+    return GatheredRow(row, STATUS_OK, run, {"AP": ap})
+
+
+def _missing(row: Row) -> GatheredRow:
+    return GatheredRow(row, STATUS_MISSING, RunResult(run_dir="runs/smoke/x", problem="no evaluation"), {"AP": NAN})
+
+
+def _cited(row: Row) -> GatheredRow:
+    return GatheredRow(row, STATUS_CITED, None, {"AP": NAN})
+
+
+def _with_gains(table: Table, rows: list[GatheredRow]) -> list[GatheredRow]:
+    """gain_ours as gather_rows computes it (this row's AP minus its base row's)."""
+    by_id = {g.row.id: g for g in rows}
+    for g in rows:
+        if g.row.gain_over is not None:
+            g.gain_ours = {m: round(g.ours[m] - by_id[g.row.gain_over].ours[m], 2) for m in table.gain_metrics()}
+    return rows
+
+
+def _text(label: object) -> str:
+    """A tick label as the reader reads it: wrapped lines joined, no-break spaces as spaces."""
+    return label.get_text().replace("\n", " ").replace("\u00a0", " ")  # type: ignore[attr-defined]
+
+
+def _axes(fig: object, name: str) -> object:
+    found = [ax for ax in fig.axes if ax.get_label() == name]  # type: ignore[attr-defined]
+    assert len(found) == 1, f"expected one '{name}' axes, got {[ax.get_label() for ax in fig.axes]}"  # type: ignore
+    return found[0]
+
+
+def _bars(ax: object) -> dict[str, list[tuple[float, float]]]:
+    """Each drawn series of an axes: label → [(bar centre x, height)]."""
+    return {c.get_label(): [(p.get_x() + p.get_width() / 2, p.get_height()) for p in c]
+            for c in ax.containers}  # type: ignore[attr-defined]
+
+
+def _marks(ax: object) -> dict[float, str]:
+    """The no-result marks of an axes (x → text): where a bar is missing, and why."""
+    return {round(t.get_position()[0], 3): t.get_text() for t in ax.texts  # type: ignore[attr-defined]
+            if t.get_gid() == "no_result"}
+
+
+def _inside(inner: object, outer: object, tol: float = 1.0) -> bool:
+    return (inner.x0 >= outer.x0 - tol and inner.y0 >= outer.y0 - tol  # type: ignore[attr-defined]
+            and inner.x1 <= outer.x1 + tol and inner.y1 <= outer.y1 + tol)  # type: ignore[attr-defined]
+
+
+def _assert_everything_inside(fig: object) -> None:
+    """Title, tick labels, legends: all inside the figure (nothing cut off), after a real draw."""
+    fig.canvas.draw()  # type: ignore[attr-defined]
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    title = fig._suptitle  # type: ignore[attr-defined]
+    assert title is not None and title.get_text()
+    assert _inside(title.get_window_extent(renderer), fig.bbox), title.get_text()  # type: ignore[attr-defined]
+    # In inches: everything drawn (tick labels, legends, group headers) lies within the figure.
+    assert _inside(fig.get_tightbbox(renderer), fig.bbox_inches, tol=0.02)  # type: ignore[attr-defined]
+
+
+def test_ap_figure_names_rows_by_label_and_draws_only_what_exists() -> None:
+    long_label = "Conditional DETR-DC5-R101 with a needlessly long description of its training recipe"
+    rows = [
+        _ok(_fig_row("detr_500", "DETR-R50", epochs=500, group="R50", paper={"AP": 42.0}), 40.0),
+        _ok(_fig_row("detr_50", "DETR-R50", epochs=50, group="R50", paper={"AP": 34.9}), 33.1),
+        _missing(_fig_row("cdetr", "Conditional DETR-R50", epochs=50, group="R50", paper={"AP": 40.9})),
+        _ok(_fig_row("unpublished", long_label, epochs=50, group="a group whose name is long too", paper={}), 41.5),
+        _cited(_fig_row("cited", "UP-DETR-R50", epochs=150, group="other", experiment=None, paper={"AP": 40.5})),
+    ]
+    table = Table(title="Table 1: Comparison of Conditional DETR with DETR on COCO 2017 val", source="Table 1",
+                  metrics=["AP"], rows=[g.row for g in rows])
+    fig = build_ap_bars(table, rows, "smoke")
+    ax = _axes(fig, "ap")
+
+    # Tick labels: the rows' labels (not ids), twins told apart by their epochs, long ones wrapped.
+    assert [_text(t) for t in ax.get_xticklabels()] == [  # type: ignore[attr-defined]
+        "DETR-R50, 500 ep", "DETR-R50, 50 ep", "Conditional DETR-R50", long_label, "UP-DETR-R50"]
+    assert max(len(line) for t in ax.get_xticklabels() for line in t.get_text().split("\n")) <= 40  # type: ignore
+    # Paper bars only where the paper has a number, ours only where we have one: no zero bars.
+    bars = _bars(ax)
+    assert [h for _, h in bars["paper"]] == [42.0, 34.9, 40.9, 40.5]
+    assert [h for _, h in bars["ours (smoke scale)"]] == [40.0, 33.1, 41.5]
+    assert [round(x) for x, _ in bars["paper"]] == [0, 1, 2, 4] and [round(x) for x, _ in bars["ours (smoke scale)"]] \
+        == [0, 1, 3]
+    # The rows without a number of ours say why where the bar would be; the unpublished one says n/p.
+    marks = _marks(ax)
+    assert sorted(marks.values()) == ["missing", "n/p", "not re-run"]
+    assert {round(x): m for x, m in marks.items()} == {2: "missing", 3: "n/p", 4: "not re-run"}
+    # A legend entry per drawn series and nothing else.
+    legend = ax.get_legend()  # type: ignore[attr-defined]
+    assert [t.get_text() for t in legend.get_texts()] == ["paper", "ours (smoke scale)"]
+    assert "AP points" in ax.get_ylabel()  # type: ignore[attr-defined]
+    # The groups are named over their rows.
+    assert [t.get_text().replace("\n", " ") for t in ax.texts if t.get_gid() == "group"][0] == "R50"  # type: ignore
+    assert "smoke scale" in fig._suptitle.get_text()  # type: ignore[attr-defined]
+    assert not [a for a in fig.axes if a.get_label() == "gain"]  # no gains stated: no gain panel
+    _assert_everything_inside(fig)
+
+
+def test_gains_only_table_plots_the_papers_gain_against_ours() -> None:
+    # D³ETR publishes gains only: no absolute paper AP, so no 'paper' series in the AP panel.
+    base12 = _fig_row("base_12ep", "Conditional DETR-R50-C5 (student alone)", epochs=12, group="12 epochs")
+    base50 = _fig_row("base_50ep", "Conditional DETR-R50-C5 (student alone)", epochs=50, group="50 epochs")
+    rows = [
+        _ok(base12, 30.0),
+        _ok(_fig_row("d3_12", "+ D³ETR (arXiv v1)", epochs=12, group="12 epochs", gain_over="base_12ep",
+                     paper_gain={"AP": 7.8}), 36.5),
+        _missing(_fig_row("d3_12_ijcai", "+ D³ETR (IJCAI 2024)", epochs=12, group="12 epochs",
+                          gain_over="base_12ep", paper_gain={"AP": 8.3})),
+        _ok(base50, 38.0),
+        _ok(_fig_row("d3_50", "+ D³ETR (arXiv v1)", epochs=50, group="50 epochs", gain_over="base_50ep",
+                     paper_gain={"AP": 2.4}), 39.0),
+    ]
+    table = Table(title="D³ETR: Conditional DETR-R50-C5 student <- Conditional DETR-R101-C5 teacher, COCO 2017 val",
+                  source="Table 1", metrics=["AP"], rows=[g.row for g in rows])
+    rows = _with_gains(table, rows)
+    fig = build_ap_bars(table, rows, "mini")
+
+    ax = _axes(fig, "ap")
+    assert "paper" not in _bars(ax)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ours (mini scale)"]  # type: ignore[attr-defined]
+    assert not [m for m in _marks(ax).values() if m == "n/p"]  # no paper series: nothing to mark as unpublished
+
+    gain = _axes(fig, "gain")
+    bars = _bars(gain)
+    assert [h for _, h in bars["paper"]] == [7.8, 8.3, 2.4]
+    assert [h for _, h in bars["ours (mini scale)"]] == pytest.approx([6.5, 1.0])
+    assert list(_marks(gain).values()) == ["missing"]
+    assert [t.get_text() for t in gain.get_legend().get_texts()] == ["paper", "ours (mini scale)"]  # type: ignore
+    assert "gain" in gain.get_ylabel() and "AP points" in gain.get_ylabel()  # type: ignore[attr-defined]
+    # Two base rows: each gain's tick names its own.
+    ticks = [_text(t) for t in gain.get_xticklabels()]  # type: ignore[attr-defined]
+    assert ticks == ["+ D³ETR (arXiv v1), 12 ep vs Conditional DETR-R50-C5 (student alone), 12 ep",
+                     "+ D³ETR (IJCAI 2024) vs Conditional DETR-R50-C5 (student alone), 12 ep",
+                     "+ D³ETR (arXiv v1), 50 ep vs Conditional DETR-R50-C5 (student alone), 50 ep"]
+    # The long title is wrapped, not cut.
+    assert "\n" in fig._suptitle.get_text()  # type: ignore[attr-defined]
+    _assert_everything_inside(fig)
+
+    # One base row: the panel's title names it and the ticks are the rows' labels alone.
+    single = [g for g in rows if g.row.id in ("base_12ep", "d3_12", "d3_12_ijcai")]
+    table_12 = Table(title="D³ETR, 12 epochs", source="Table 1", metrics=["AP"], rows=[g.row for g in single])
+    fig = build_ap_bars(table_12, single, "mini")
+    gain = _axes(fig, "gain")
+    assert "Conditional DETR-R50-C5 (student alone)" in gain.get_title(loc="left").replace("\n", " ")  # type: ignore
+    assert [_text(t) for t in gain.get_xticklabels()] == ["+ D³ETR (arXiv v1)", "+ D³ETR (IJCAI 2024)"]  # type: ignore
+
+
+def test_curves_figure_uses_row_labels_and_a_legend_of_drawn_runs() -> None:
+    shared = RunResult(run_dir="runs/smoke/exp_a", metrics={"AP": 0.3}, curve=[(2.0, 0.1), (6.0, 0.3)],
+                       loss_curve=[(0.0, 3.0), (1.0, 2.5)])
+    rows = [
+        _ok(_fig_row("a", "Good", experiment="exp_a"), 30.0, shared),
+        _ok(_fig_row("a_again", "Good (shared run)", experiment="exp_a"), 30.0, shared),
+        _ok(_fig_row("b", "Loss only", experiment="exp_b"), 20.0,
+            RunResult(run_dir="runs/smoke/exp_b", metrics={"AP": 0.2}, loss_curve=[(0.0, 4.0)])),
+        _missing(_fig_row("c", "Never ran", experiment="exp_c")),
+        _cited(_fig_row("d", "Cited", experiment=None)),
+    ]
+    table = Table(title="Demo table", source="Table 1", metrics=["AP"], rows=[g.row for g in rows])
+    fig = build_curves(table, rows, "smoke")
+    loss, ap = _axes(fig, "loss"), _axes(fig, "ap")
+    # One line per run, named by the rows' labels (not experiment ids); a shared run names both rows.
+    assert [line.get_label() for line in loss.get_lines()] == ["Good / Good (shared run)", "Loss only"]  # type: ignore
+    assert [line.get_label() for line in ap.get_lines()] == ["Good / Good (shared run)"]  # type: ignore
+    # The loss of epoch index e is the mean over that epoch: drawn at e + 1 epochs completed,
+    # the axis of the evaluations.
+    assert list(loss.get_lines()[0].get_xdata()) == [1.0, 2.0]  # type: ignore[attr-defined]
+    assert list(ap.get_lines()[0].get_ydata()) == pytest.approx([10.0, 30.0])  # type: ignore[attr-defined]
+    assert loss.get_xlabel() == ap.get_xlabel() == "epochs completed"  # type: ignore[attr-defined]
+    assert "AP points" in ap.get_ylabel()  # type: ignore[attr-defined]
+    # One legend, of the runs drawn; the run that logged nothing is counted in the title instead.
+    assert len(fig.legends) == 1  # type: ignore[attr-defined]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Good / Good (shared run)", "Loss only"]  # type: ignore
+    assert "1 of 3 runs logged no curve" in fig._suptitle.get_text().replace("\n", " ")  # type: ignore
+    _assert_everything_inside(fig)
+
+
+def test_twins_get_epochs_then_groups_in_figure_labels() -> None:
+    rows = [_ok(_fig_row(f"r{i}", label, epochs=epochs, group=group), 1.0) for i, (label, epochs, group) in
+            enumerate([("DETR-R50", 500, "R50"), ("DETR-R50", 50, "R50"), ("+ MasKD", 24, "FCOS"),
+                       ("+ MasKD", 24, "RetinaNet"), ("Alone", None, None)])]
+    assert figure_labels(rows) == {"r0": "DETR-R50, 500\u00a0ep", "r1": "DETR-R50, 50\u00a0ep", "r2": "+ MasKD",
+                                   "r3": "+ MasKD", "r4": "Alone"}
+    assert figure_labels(rows, with_group=True)["r3"] == "+ MasKD · RetinaNet"
+
+
+def test_every_registry_table_gets_readable_figures() -> None:
+    """Each table of configs/tables.yaml, from made-up results (ok, missing, cited), draws figures
+    whose ticks are the rows' labels and whose title and labels fit in the figure."""
+    registry = load_registry(REPO / "configs" / "tables.yaml")
+    for name, table in registry.tables.items():
+        rows: list[GatheredRow] = []
+        for i, row in enumerate(table.rows):
+            if row.experiment is None:
+                rows.append(GatheredRow(row, STATUS_CITED, None, {m: NAN for m in table.metrics}))
+            elif i % 4 == 3:
+                rows.append(GatheredRow(row, STATUS_MISSING, RunResult(run_dir="x"),
+                                        {m: NAN for m in table.metrics}))
+            else:
+                ap = 30.0 + 0.37 * i  # distinct, so no gain is a true 0
+                run = RunResult(run_dir="x", metrics={m: ap / 100 for m in table.metrics},
+                                curve=[(1.0, 0.1), (2.0, ap / 100)], loss_curve=[(0.0, 3.0), (1.0, 2.0)])
+                rows.append(GatheredRow(row, STATUS_OK, run, {m: ap for m in table.metrics}))
+        rows = _with_gains(table, rows)
+        names = figure_labels(rows)
+        fig = build_ap_bars(table, rows, "smoke")
+        ap_axes = _axes(fig, "ap")
+        assert [_text(t) for t in ap_axes.get_xticklabels()] == [  # type: ignore[attr-defined]
+            names[g.row.id].replace("\u00a0", " ") for g in rows], name
+        # No bar of height 0 stands for a missing number.
+        assert all(h != 0 for ax in fig.axes for series in _bars(ax).values() for _, h in series), name
+        has_gain = any(g.row.gain_over for g in rows)
+        assert bool([a for a in fig.axes if a.get_label() == "gain"]) == has_gain, name
+        if not any(g.row.paper.get("AP") is not None for g in rows):
+            assert "paper" not in _bars(ap_axes), name
+        _assert_everything_inside(fig)
+        _assert_everything_inside(build_curves(table, rows, "smoke"))

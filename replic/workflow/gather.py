@@ -403,69 +403,355 @@ def render_provenance(
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
-def _save_figure(fig: Any, path: Path) -> None:
+# ------------------------------------------------------------------------------------ figures
+# Built on a bare matplotlib Figure (no pyplot): no global state or backend switch, and the
+# returned Figure can be inspected (tests check its artists, not its pixels).
+from typing import TYPE_CHECKING  # noqa: E402  (the figures' types only)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+_AP_UNIT = "AP points"  # our eval fractions ×100, the papers' unit
+_TICK_WRAP = 30  # characters per line of a row's tick label: two lines for most labels
+_TICK_ROTATION = 45.0  # degrees: two or three slanted lines fit a bar pair's width without touching
+_TICK_FONT = 7.0
+_PAPER_COLOR, _OURS_COLOR, _MARK_COLOR = "#8c8c8c", "#1f77b4", "0.35"
+
+
+def _wrap(text: str, width: int) -> str:
+    """``text`` on lines of at most ``width`` characters, broken at spaces only (its own line
+    breaks kept).
+
+    Never inside 'DETR-DC5-R101', so joining the lines with one space gives the text back.
+    """
+    import textwrap
+
+    def fill(line: str) -> str:
+        for w in range(width, width + 9):  # a little wider rather than a lone short word below
+            lines = textwrap.wrap(line, w, break_long_words=False, break_on_hyphens=False)
+            if len(lines) < 2 or len(lines[-1]) >= 8:
+                break
+        return "\n".join(lines) or line
+
+    return "\n".join(fill(line) for line in text.split("\n"))
+
+
+def figure_labels(rows: list[GatheredRow], *, with_group: bool = False) -> dict[str, str]:
+    """What the figures call each row (by row id): its registry label, told apart from its twins.
+
+    Rows may share a label (DETR-R50 at 50 and 500 epochs; '+ MasKD (R101 teacher)' under three
+    detectors): they get ', N ep' (with a no-break space) where the epochs differ, and with
+    ``with_group`` (figures that do not show the groups) ' · <group>' where the epochs do not
+    tell them apart.
+    """
+    by_label: dict[str, list[Row]] = {}
+    for g in rows:
+        by_label.setdefault(g.row.label, []).append(g.row)
+    names: dict[str, str] = {}
+    for g in rows:
+        row, text = g.row, g.row.label
+        twins = by_label[row.label]
+        if len({r.epochs for r in twins}) > 1 and row.epochs is not None:
+            text += f", {row.epochs}\u00a0ep"  # no-break space: the wrap keeps '12 ep' whole
+            twins = [r for r in twins if r.epochs == row.epochs]
+        if with_group and len(twins) > 1 and row.group:
+            text += f" · {row.group}"
+        names[row.id] = text
+    return names
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    """A Figure with an Agg canvas of its own (draws and measures text without pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _bar_metric(table: Table) -> str:
+    """The metric the bar figure compares: AP, or the table's first metric if it has no AP."""
+    return "AP" if "AP" in table.metrics else table.metrics[0]
+
+
+def _no_result_mark(g: GatheredRow) -> str:
+    """Why a row has no number of ours: shown where its bar would be (never a zero bar)."""
+    if g.status == STATUS_CITED:
+        return "not re-run"
+    if g.status == STATUS_MISSING:
+        return "missing"
+    return "n/a"
+
+
+def _gain_mark(g: GatheredRow, base: GatheredRow | None) -> str:
+    """Why a row has no gain of ours: our gain needs this row's run and its base row's."""
+    if g.status != STATUS_OK:
+        return _no_result_mark(g)
+    if base is not None and base.status != STATUS_OK:
+        return "base " + _no_result_mark(base)
+    return "n/a"
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def _bar_series(ax: Axes, values: list[float | None], marks: list[str], *, offset: float, width: float,
+                label: str, color: str) -> None:
+    """One series of bars at ``range(len(values)) + offset``: a bar where there is a value, the
+    row's mark (rotated text from 0 up) where there is none."""
+    from matplotlib.transforms import blended_transform_factory
+
+    drawn = [(x + offset, v) for x, v in enumerate(values) if _finite(v)]
+    if drawn:
+        xs, heights = zip(*drawn)
+        ax.bar(xs, heights, width=width, label=label, color=color, zorder=2)
+    # Axes y: the mark stands at the bottom whatever the scale (gain panels go below 0).
+    where = blended_transform_factory(ax.transData, ax.transAxes)
+    for x, (value, mark) in enumerate(zip(values, marks)):
+        if not _finite(value) and mark:
+            ax.text(x + offset, 0.02, mark, transform=where, rotation=90, ha="center", va="bottom",
+                    fontsize=6, color=_MARK_COLOR, gid="no_result")
+
+
+def _paper_and_ours(ax: Axes, paper: list[float | None], ours: list[float | None], ours_marks: list[str],
+                    scale: str, slot: float = 0.8) -> None:
+    """Paper bars (only if the paper gives some number here) beside ours, both within ``slot`` of
+    each row's unit width."""
+    if any(_finite(p) for p in paper):
+        half = slot / 2
+        _bar_series(ax, paper, ["n/p" for _ in paper], offset=-half / 2, width=half, label="paper",
+                    color=_PAPER_COLOR)
+        _bar_series(ax, ours, ours_marks, offset=half / 2, width=half, label=f"ours ({scale} scale)",
+                    color=_OURS_COLOR)
+    else:  # e.g. D³ETR publishes no absolute APs: a lone series of ours, and no 'paper' legend
+        _bar_series(ax, ours, ours_marks, offset=0.0, width=0.75 * slot, label=f"ours ({scale} scale)",
+                    color=_OURS_COLOR)
+
+
+def _legend(ax: Axes) -> None:
+    """The panel's legend, above its right end: only the series drawn in this panel (none if none)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(handles),
+                  fontsize=7.5, frameon=False, borderaxespad=0.2)
+
+
+def _row_in(fig_width_in: float, n: int) -> float:
+    """Inches along the x axis per row (the figure less the y axis' labels)."""
+    return max(0.1, fig_width_in - 1.3) / max(1, n)
+
+
+def _slot(fig_width_in: float, n: int) -> float:
+    """Width (data units) of a row's bars: 0.8 of the row, at most ~1.1 in (3 gain rows across a
+    wide figure would otherwise be slabs)."""
+    return min(0.8, 1.1 / _row_in(fig_width_in, n))
+
+
+_CHAR_IN, _LINE_IN = _TICK_FONT * 0.55 / 72, _TICK_FONT * 1.3 / 72  # a tick label's character, line
+
+
+def _ticks_flat(labels: list[str], row_in: float) -> bool:
+    """Whether the wrapped labels fit side by side unrotated (a few rows on a wide figure)."""
+    longest = max((len(line) for t in labels for line in _wrap(t, _TICK_WRAP).split("\n")), default=0)
+    return longest * _CHAR_IN <= 0.9 * row_in
+
+
+def _row_ticks(ax: Axes, labels: list[str], row_in: float) -> None:
+    """Rows' labels under their bars: wrapped and, unless they fit flat, slanted and anchored at
+    the tick so that neighbours do not collide."""
+    wrapped = [_wrap(t, _TICK_WRAP) for t in labels]
+    if _ticks_flat(labels, row_in):
+        ax.set_xticks(range(len(labels)), wrapped, fontsize=_TICK_FONT)
+    else:
+        ax.set_xticks(range(len(labels)), wrapped, rotation=_TICK_ROTATION, ha="right", rotation_mode="anchor",
+                      fontsize=_TICK_FONT)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+
+
+def _tick_depth_in(labels: list[str], row_in: float) -> float:
+    """Rough height (inches) that the wrapped (maybe slanted) tick labels take below an axes."""
+    if not labels:
+        return 0.3
+    wrapped = [_wrap(t, _TICK_WRAP).split("\n") for t in labels]
+    longest = max(len(line) for lines in wrapped for line in lines)
+    lines = max(len(lines) for lines in wrapped)
+    if _ticks_flat(labels, row_in):
+        return lines * _LINE_IN + 0.35
+    return 0.71 * (longest * _CHAR_IN + lines * _LINE_IN) + 0.35  # sin = cos 45°, + room for the axis
+
+
+def _group_headers(ax: Axes, rows: list[GatheredRow], row_width_in: float, top: float) -> None:
+    """Each group's name above its rows and a dotted line between groups; ylim leaves them room."""
+    from matplotlib.transforms import blended_transform_factory
+
+    spans: list[tuple[str, int, int]] = []  # (group, first x, last x) of consecutive rows
+    for x, g in enumerate(rows):
+        name = g.row.group or ""
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], x)
+        else:
+            spans.append((name, x, x))
+    if not any(name for name, _, _ in spans):
+        ax.set_ylim(0, top * 1.08 if top > 0 else 1.0)
+        return
+    where = blended_transform_factory(ax.transData, ax.transAxes)
+    max_lines = 1
+    for name, first, last in spans:
+        if first > 0:
+            ax.axvline(first - 0.5, color="0.75", linestyle=":", linewidth=0.8, zorder=1)
+        if name:
+            chars = max(6, int((last - first + 1) * row_width_in * 72 / (6.5 * 0.55)) - 1)
+            text = _wrap(name, chars)
+            max_lines = max(max_lines, text.count("\n") + 1)
+            ax.text((first + last) / 2, 0.985, text, transform=where, ha="center", va="top", fontsize=6.5,
+                    color="0.25", gid="group")
+    # Bars stay below the headers: the headers take ~max_lines lines of a ~3 in axes.
+    free = max(0.5, 1.0 - 0.035 - max_lines * 6.5 * 1.25 / 72 / 3.0)
+    ax.set_ylim(0, (top if top > 0 else 1.0) * 1.03 / free)
+
+
+def build_ap_bars(table: Table, rows: list[GatheredRow], scale: str) -> Figure:
+    """The AP figure of one table, unsaved: paper vs our AP per row and, where rows state a gain
+    over another row (papers that publish gains only, like D³ETR), the paper's gain vs ours."""
+    metric = _bar_metric(table)
+    names = figure_labels(rows)
+    labels = [names[g.row.id] for g in rows]
+    gains = table.gain_metrics()
+    gain_rows = [g for g in rows if g.row.gain_over is not None] if gains else []
+    gain_metric = metric if metric in gains else (gains[0] if gains else metric)
+    by_id = {g.row.id: g for g in rows}
+    bases = sorted({g.row.gain_over for g in gain_rows if g.row.gain_over in by_id})
+    # Several base rows: each gain's tick names its base on lines of their own.
+    gain_labels = [names[g.row.id] if len(bases) <= 1 else
+                   _wrap(names[g.row.id], _TICK_WRAP) + "\n" + _wrap("vs " + names[g.row.gain_over or ""], _TICK_WRAP)
+                   for g in gain_rows]
+
+    width = min(22.0, max(7.5, 0.6 * len(rows) + 2.0))  # ~0.6 in per row: a slanted 2-line label
+    ap_height = 3.0 + _tick_depth_in(labels, _row_in(width, len(rows)))
+    gain_height = 2.6 + _tick_depth_in(gain_labels, _row_in(width, len(gain_rows))) if gain_rows else 0.0
+    title = f"{table.title} — ours at {scale} scale"
+    title_chars = int(width * 72 / (10 * 0.58))
+    title_in = (_wrap(title, title_chars).count("\n") + 1) * 10 * 1.4 / 72 + 0.35
+    fig = _new_figure(width, ap_height + gain_height + title_in)
+    if gain_rows:
+        ax, ax_gain = fig.subplots(2, 1, height_ratios=[ap_height, gain_height])
+    else:
+        ax, ax_gain = fig.subplots(1, 1), None
+    fig.suptitle(_wrap(title, title_chars), fontsize=10)
+
+    ax.set_label("ap")
+    paper = [g.row.paper.get(metric) for g in rows]
+    ours: list[float | None] = [g.ours.get(metric, NAN) for g in rows]
+    _paper_and_ours(ax, paper, ours, [_no_result_mark(g) for g in rows], scale, _slot(width, len(rows)))
+    _legend(ax)
+    _row_ticks(ax, labels, _row_in(width, len(rows)))
+    top = max([v for v in paper + ours if v is not None and _finite(v)], default=0.0)
+    _group_headers(ax, rows, _row_in(width, len(rows)), top)
+    ax.set_ylabel(f"{metric} ({_AP_UNIT})")
+    ax.grid(axis="y", color="0.9", zorder=0)
+
+    if ax_gain is not None:
+        ax_gain.set_label("gain")
+        paper_gain = [g.row.paper_gain.get(gain_metric) for g in gain_rows]
+        ours_gain: list[float | None] = [g.gain_ours.get(gain_metric, NAN) for g in gain_rows]
+        marks = [_gain_mark(g, by_id.get(g.row.gain_over or "")) for g in gain_rows]
+        _paper_and_ours(ax_gain, paper_gain, ours_gain, marks, scale, _slot(width, len(gain_rows)))
+        _legend(ax_gain)
+        _row_ticks(ax_gain, gain_labels, _row_in(width, len(gain_rows)))
+        ax_gain.axhline(0.0, color="0.3", linewidth=0.8, zorder=1)
+        ax_gain.set_ylabel(f"{gain_metric} gain ({_AP_UNIT})")
+        ax_gain.grid(axis="y", color="0.9", zorder=0)
+        if not ax_gain.patches:  # no gain at all: an axis around 0 for the marks, not matplotlib's 0..1
+            ax_gain.set_ylim(-1.0, 1.0)
+        # Left, so that the legend has the right end of the line.
+        over = f"over {names[bases[0]]}" if len(bases) == 1 else "over each row's base row (after 'vs')"
+        ax_gain.set_title(_wrap(f"{gain_metric} gain {over}", int((width - 3.0) * 72 / (8.5 * 0.58))),
+                          fontsize=8.5, loc="left")
+    return fig
+
+
+def build_curves(table: Table, rows: list[GatheredRow], scale: str) -> Figure:
+    """The curves figure of one table, unsaved: per run, training loss and AP against epochs."""
+    import matplotlib
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    names = figure_labels(rows, with_group=True)
+    runs: dict[str, tuple[list[str], RunResult]] = {}  # one entry per run (rows may share one)
+    for g in rows:
+        if g.run is not None and g.row.experiment is not None:
+            runs.setdefault(g.row.experiment, ([], g.run))[0].append(names[g.row.id])
+    run_names = {exp: _wrap(" / ".join(labels), 45) for exp, (labels, _) in runs.items()}
+    logged = [exp for exp, (_, run) in runs.items() if run.curve or run.loss_curve]
+    title = f"{table.title} — ours at {scale} scale"
+    if len(logged) < len(runs):  # a run that logged nothing has no line: say so rather than hide it
+        title += f"; {len(runs) - len(logged)} of {len(runs)} runs logged no curve yet"
+    width, legend_font = 12.0, 6.5
+    title_chars = int(width * 72 / (10 * 0.58))
+    longest = max((len(line) for exp in logged for line in run_names[exp].split("\n")), default=10)
+    ncol = max(1, int(width * 0.95 / (longest * legend_font * 0.55 / 72 + 0.55)))
+    legend_lines = sum(max(run_names[e].count("\n") + 1 for e in logged[i:i + ncol])
+                       for i in range(0, len(logged), ncol))
+    height = 4.0 + (_wrap(title, title_chars).count("\n") + 1) * 0.2 + legend_lines * legend_font * 1.5 / 72
+    fig = _new_figure(width, height)
+    ax_loss, ax_ap = fig.subplots(1, 2)
+    ax_loss.set_label("loss")
+    ax_ap.set_label("ap")
+    fig.suptitle(_wrap(title, title_chars), fontsize=10)
+
+    colors = matplotlib.colormaps["tab20" if len(logged) > 10 else "tab10"].colors
+    handles = []
+    for i, exp in enumerate(logged):
+        run = runs[exp][1]
+        style = {"color": colors[i % len(colors)], "linestyle": ("-", "--", ":")[i // len(colors) % 3]}
+        if run.loss_curve:
+            # A loss record's "epoch" is the epoch index (0-based) and its loss the mean over that
+            # epoch; evaluations log epochs completed: plot the mean at its epoch's end.
+            ax_loss.plot([e + 1 for e, _ in run.loss_curve], [v for _, v in run.loss_curve],
+                         marker="o" if len(run.loss_curve) <= 40 else "", markersize=2, label=run_names[exp],
+                         **style)
+        if run.curve:
+            ax_ap.plot([e for e, _ in run.curve], [a * 100 for _, a in run.curve],
+                       marker="o" if len(run.curve) <= 40 else "", markersize=3, label=run_names[exp], **style)
+        handles.append(Line2D([], [], marker="o", markersize=3, label=run_names[exp], **style))
+    for ax, what in ((ax_loss, "training loss (mean over the epoch)"), (ax_ap, f"AP ({_AP_UNIT})")):
+        ax.set_xlabel("epochs completed")
+        ax.set_ylabel(what)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(color="0.92")
+        if not ax.get_lines():
+            ax.text(0.5, 0.5, f"no {what.split(' (')[0]} logged", ha="center", va="center",
+                    transform=ax.transAxes)
+    # One legend for both panels (a run has the same colour in each), under them, in columns.
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=legend_font, frameon=False)
+    return fig
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
+    """Write ``fig`` as PNG; 'tight' keeps every label and the title inside the image."""
     from replic.io import atomic_path
 
     with atomic_path(path) as tmp:  # a killed gather never leaves half a figure
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", pad_inches=0.1,
+                    metadata={"Software": None})
 
 
-def plot_ap_bars(table: Table, rows: list[GatheredRow], scale: str, path: Path) -> None:
-    """Grouped bars: paper AP vs our AP for each row (missing values draw no bar)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [g.row.id for g in rows]
-    paper = [g.row.paper.get("AP") for g in rows]
-    ours = [g.ours.get("AP", NAN) for g in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2))
-    ax.bar([x - 0.2 for x in xs], [NAN if p is None else p for p in paper], width=0.4, label="paper")
-    ax.bar([x + 0.2 for x in xs], ours, width=0.4, label=f"ours ({scale})")
-    for x, g in zip(xs, rows):
-        if g.status == STATUS_MISSING:
-            ax.annotate("missing", (x + 0.2, 0), rotation=90, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("AP")
-    ax.set_title(table.title, fontsize=9)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.tight_layout()
+def plot_ap_bars(table: Table, rows: list[GatheredRow], scale: str, path: Path) -> Figure:
+    """Save the AP figure of ``build_ap_bars`` to ``path``; the Figure is returned for inspection."""
+    fig = build_ap_bars(table, rows, scale)
     _save_figure(fig, path)
-    plt.close(fig)
+    return fig
 
 
-def plot_curves(table: Table, rows: list[GatheredRow], scale: str, path: Path) -> None:
-    """Per run of the table: training loss and AP (×100) against epoch, from metrics.jsonl + eval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4.2))
-    seen: set[str] = set()
-    for g in rows:
-        if g.run is None or g.row.experiment in seen:
-            continue
-        seen.add(g.row.experiment or "")
-        if g.run.loss_curve:
-            epochs, losses = zip(*g.run.loss_curve)
-            ax_loss.plot(epochs, losses, marker="o", markersize=2, label=g.row.experiment)
-        if g.run.curve:
-            epochs, aps = zip(*g.run.curve)
-            ax_ap.plot(epochs, [a * 100 for a in aps], marker="o", markersize=3, label=g.row.experiment)
-    for ax, what in ((ax_loss, "training loss"), (ax_ap, "AP")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(what)
-        if ax.get_lines():
-            ax.legend(fontsize=6)
-        else:
-            ax.text(0.5, 0.5, f"no {what} logged", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"{table.title} — {scale} scale", fontsize=8)
-    fig.tight_layout()
+def plot_curves(table: Table, rows: list[GatheredRow], scale: str, path: Path) -> Figure:
+    """Save the curves figure of ``build_curves`` to ``path``; the Figure is returned for inspection."""
+    fig = build_curves(table, rows, scale)
     _save_figure(fig, path)
-    plt.close(fig)
+    return fig
 
 
 def gather(

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "replic.models.convert_cli",
     "replic.viz.cli",
     "replic.workflow.tables_cli",
+    "replic.workflow.recipe",
 )
 
 

@@ -213,7 +213,9 @@ def test_a_ledger_from_run_directories(tmp_path: Path) -> None:
     assert rows[0]["verdict"] == "holds" and rows[0]["paper_effect"] == "6.0" and rows[0]["seed_noise"] == "measured"
     assert rows[0]["runs"].split() == ["cdetr_r50_50ep", "cdetr_r50_50ep_seed1", "detr_r50_50ep", "detr_r50_50ep_seed1"]
     markdown = (tmp_path / "results" / "claims_mini.md").read_text()
-    assert "| better |" in markdown and "holds" in markdown and "cdetr_r50_50ep_seed1/provenance.json" in markdown
+    assert "| better |" in markdown and "holds" in markdown
+    # Links to the runs work from where the Markdown file is (results/ beside runs/).
+    assert "(../runs/mini/cdetr_r50_50ep_seed1/provenance.json)" in markdown
     provenance = json.loads((tmp_path / "results" / "claims_mini.provenance.json").read_text())
     assert provenance["runs"]["detr_r50_50ep_seed1"]["config_hash"] == "hash-detr_r50_50ep_seed1"
 

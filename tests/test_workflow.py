@@ -8,6 +8,7 @@ checkout are never touched. Snakemake runs as a subprocess with the venv's bin f
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from replic.workflow.registry import load_registry
 
@@ -260,6 +262,7 @@ def test_smoke_run_of_the_ablation_table(tmp_path: Path) -> None:
     for name in ("table_cdetr_ablations.md", "table_cdetr_ablations.provenance.json",
                  "figures/table_cdetr_ablations_ap.png", "figures/table_cdetr_ablations_curves.png"):
         assert (workdir / "results" / name).is_file(), name
+    _smoke_claims_ledger_with_a_seed_replicate(workdir)
     # Up to date afterwards: nothing left to do.
     again = snakemake(workdir, "-n", "--cores", "2", "results/table_cdetr_ablations.csv")
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -289,3 +292,58 @@ def test_smoke_run_of_the_ablation_table(tmp_path: Path) -> None:
     stale = snakemake(workdir, "-n", "--cores", "2", "results/table_cdetr_ablations.csv")
     counts = job_counts(stale.stdout)
     assert "scale_overlay" not in counts and counts["train"] == sum(r.startswith("detr_") for r in runs), counts
+
+
+def _smoke_claims_ledger_with_a_seed_replicate(workdir: Path) -> None:
+    """The claims ledger at smoke on the table's runs: two of the real claims, one of them asking
+    for 2 seeds, so the DAG trains one seed replicate from the same experiment file."""
+    ledger = yaml.safe_load((REPO / "configs" / "claims.yaml").read_text())
+    keep = {"cdetr_converges_faster": {"smoke": 2}, "cdetr_table4_components": {}}
+    ledger["claims"] = [dict(c, seeds=keep[c["id"]]) for c in ledger["claims"] if c["id"] in keep]
+    (workdir / "configs" / "claims_ci.yaml").write_text(yaml.safe_dump(ledger, sort_keys=False))
+    result = snakemake(workdir, "--cores", "2", "results/claims_smoke.md", "--config",
+                       "claims=configs/claims_ci.yaml", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = job_counts(result.stdout + result.stderr)  # a real run prints its job stats to stderr
+    assert counts["train"] == 2 and counts["claims"] == 1, counts  # cdetr/detr_r50_50ep_seed1 only
+    rows = read_table(workdir / "results" / "claims_smoke.csv")
+    assert [r["claim"] for r in rows] == ["cdetr_converges_faster"] + ["cdetr_table4_components"] * 4
+    assert all(r["verdict"] == "not testable at smoke" for r in rows)
+    assert rows[0]["seeds"] == "2" and rows[0]["seed_noise"] == "measured" and rows[0]["ci_low"] != ""
+    assert "Smoke scale cannot test claims" in (workdir / "results" / "claims_smoke.md").read_text()
+    # The replicate is the base experiment with another seed and its own name.
+    resolved = yaml.safe_load((workdir / "runs" / "smoke" / "cdetr_r50_50ep_seed1" / "config.yaml").read_text())
+    base = yaml.safe_load((workdir / "runs" / "smoke" / "cdetr_r50_50ep" / "config.yaml").read_text())
+    assert resolved["seed"] == 1 and base["seed"] != 1 and resolved["name"] == "cdetr_r50_50ep_seed1"
+    assert {k: v for k, v in resolved.items() if k not in ("seed", "name")} == \
+        {k: v for k, v in base.items() if k not in ("seed", "name")}
+    provenance = json.loads((workdir / "results" / "claims_smoke.provenance.json").read_text())
+    assert set(provenance["runs"]) == {"cdetr_r50_50ep", "cdetr_r50_50ep_seed1", "detr_r50_50ep",
+                                       "detr_r50_50ep_seed1", "detr_r50_50ep_t4_or", "detr_r50_50ep_t4_fl",
+                                       "detr_r50_50ep_t4_or_fl"}
+
+
+def test_claims_dag_trains_seed_replicates_from_one_experiment_file(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    result = snakemake(workdir, "-n", "-p", "--cores", "2", "results/claims_mini.md", "--config", "scale=mini")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    commands = [line for line in result.stdout.splitlines() if " train --config " in line]
+    seed1 = [c for c in commands if "--out runs/mini/cdetr_r50_50ep_seed1 " in c]
+    assert len(seed1) == 1
+    assert "--config configs/experiments/cdetr_r50_50ep.yaml" in seed1[0]
+    assert "--set seed=1 --set name=cdetr_r50_50ep_seed1" in seed1[0]
+    base = [c for c in commands if "--out runs/mini/cdetr_r50_50ep " in c]
+    assert len(base) == 1 and "--set seed=" not in base[0]
+    assert not list((workdir / "configs" / "experiments").glob("*_seed[0-9]*.yaml"))
+    assert job_counts(result.stdout)["claims"] == 1
+
+
+def test_a_misspelt_target_names_the_valid_ones_before_any_job(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path / "wf")
+    for target, hint in (("results/table_d3etr.cvs", "Did you mean results/table_d3etr.csv"),
+                         ("results/table_foo.csv", "results/table_cdetr_ablations.csv")):
+        result = snakemake(workdir, "-n", "--cores", "1", target)
+        assert result.returncode != 0
+        assert f"no rule makes {target}" in result.stderr + result.stdout and hint in result.stderr + result.stdout
+        assert "MissingRuleException" not in result.stderr
+    assert not (workdir / "data").exists() and not (workdir / "runs").exists()

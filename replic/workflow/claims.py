@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -300,8 +301,10 @@ def ledger_rows(results: list[ClaimResult], ledger: Ledger, scale: str) -> list[
     return rows
 
 
-def ledger_markdown(results: list[ClaimResult], ledger: Ledger, scale: str, runs_dir: str) -> str:
-    """The ledger as Markdown: a verdict per claim, its comparisons, and links to the runs."""
+def ledger_markdown(results: list[ClaimResult], ledger: Ledger, scale: str, runs_dir: str,
+                    link_root: str | None = None) -> str:
+    """The ledger as Markdown: a verdict per claim, its comparisons, and links to the runs
+    (``link_root``: the runs directory as seen from where the Markdown file lives)."""
     out = [f"# Claims ledger — {scale} scale", ""]
     if scale == "smoke":
         out += ["**Smoke scale cannot test claims**: its models do not learn (a pipeline check of the "
@@ -318,8 +321,8 @@ def ledger_markdown(results: list[ClaimResult], ledger: Ledger, scale: str, runs
         for i, comp in enumerate(result.comparisons):
             assumed = " (seed noise assumed)" if comp.seed_noise == "assumed" else ""
             verdict = SMOKE_VERDICT if scale == "smoke" else comp.verdict
-            if len(result.comparisons) > 1:
-                verdict = f"{verdict} (ordering: {result.verdict})" if i == 0 else verdict
+            if len(result.comparisons) > 1 and i == 0 and scale != "smoke":
+                verdict = f"{verdict} (ordering: {result.verdict})"
             name = f"{claim.id}{' †' if claim.beyond_papers else ''}" if i == 0 else ""
             published = "" if claim.paper_effect is None or i else f"{claim.paper_effect:+.1f}"
             out.append(f"| {name} | {claim.paper if i == 0 else ''} | {claim.where if i == 0 else ''} | "
@@ -334,7 +337,8 @@ def ledger_markdown(results: list[ClaimResult], ledger: Ledger, scale: str, runs
     for result in results:
         claim = result.claim
         names = [n for row in claim.rows for n in seed_replicates(row, ledger.seeds(claim, scale))]
-        links = ", ".join(f"[{n}]({runs_dir}/{scale}/{n}/provenance.json)" for n in names)
+        root = runs_dir if link_root is None else link_root
+        links = ", ".join(f"[{n}]({root}/{scale}/{n}/provenance.json)" for n in names)
         out += [f"- **{claim.id}** ({claim.paper}, {claim.where}): {claim.text} — runs: {links}"
                 + (f". {claim.note}" if claim.note else "")]
     return "\n".join(out) + "\n"
@@ -349,7 +353,8 @@ def write_ledger(results: list[ClaimResult], ledger: Ledger, scale: str, runs_di
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / f"claims_{scale}.csv", buffer.getvalue())
-    atomic_write_text(out_dir / f"claims_{scale}.md", ledger_markdown(results, ledger, scale, runs_dir))
+    link_root = os.path.relpath(Path(runs_dir).resolve(), out_dir.resolve())
+    atomic_write_text(out_dir / f"claims_{scale}.md", ledger_markdown(results, ledger, scale, runs_dir, link_root))
     provenance = {
         "scale": scale, "bootstrap": {"resamples": ledger.bootstrap.resamples, "seed": ledger.bootstrap.seed},
         "runs": {n: _run_provenance(Path(runs_dir) / scale / n) for n in ledger.runs(scale)},

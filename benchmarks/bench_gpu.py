@@ -351,6 +351,8 @@ def official_worker(spec_path: str) -> None:
     torch.__version__, torchvision.__version__ = real_torch, real_tv
     import models.backbone as official_backbone
 
+    from replic.engine.runtime import to_float32  # replic's own cast, as its train step applies it
+
     official_backbone.is_main_process = lambda: False  # no ImageNet download
     from models.conditional_detr import build
     from util.misc import NestedTensor
@@ -390,7 +392,7 @@ def official_worker(spec_path: str) -> None:
             with autocast():  # their code has no AMP; bf16 autocasts the forward as replic's engine does
                 outputs = model(samples)
             if precision == "bf16":
-                outputs = _outputs_float(outputs)
+                outputs = to_float32(outputs)
             loss_dict = criterion(outputs, tgts)
             weight_dict = criterion.weight_dict
             losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
@@ -418,19 +420,6 @@ def official_worker(spec_path: str) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(json.dumps(rows))
-
-
-def _outputs_float(value: Any) -> Any:
-    """Floating tensors of a nested output to fp32 (as ``replic.engine.runtime.to_float32``)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: _outputs_float(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_outputs_float(v) for v in value)
-    return value
 
 
 def official_section(repo: str, cfg: Any, batch: Any, device: Any, args: argparse.Namespace,

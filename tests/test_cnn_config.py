@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from replic.config import ConfigError, to_dict
+from replic.config import ConfigError, from_dict, to_dict
 from replic.engine.config import TrainConfig, load_experiment
 from replic.engine.optim import WarmupMultiStepLR, after_optimizer_step, build_optimizer, build_scheduler
 from replic.models.cnn.config import CnnModelConfig
@@ -27,20 +27,25 @@ def test_there_is_an_r50_and_r101_2x_experiment_per_detector():
 
 @pytest.mark.parametrize("path", CNN, ids=lambda p: p.stem)
 def test_paper_scale_is_the_mmdet_2x_recipe(path):
+    """R50 students follow MasKD's KD configs; R101 teachers the mmdet zoo configs of the
+    checkpoints MasKD loads (RetinaNet: lr 0.01, no clipping, 500 warm-up steps; FCOS: a constant
+    warm-up and NMS 0.5)."""
     cfg = load_experiment(path, "paper", MISSING_ROOT)
     arch = ARCH[path.stem.split("_")[0]]
     fcos, retina = arch == "fcos", arch == "retinanet"
+    teacher = "r101" in path.stem
     m, t, d = cfg.model, cfg.train, cfg.data
     assert isinstance(m, CnnModelConfig) and m.arch == arch
-    assert m.backbone == ("resnet101" if "r101" in path.stem else "resnet50")
+    assert m.backbone == ("resnet101" if teacher else "resnet50")
     assert m.pretrained_backbone == "torchvision" and m.trainable_layers == 3 and m.num_classes == 91
-    assert (m.score_thresh, m.nms, m.detections_per_img) == (0.05, 0.6 if fcos else 0.5, 100)
+    assert (m.score_thresh, m.nms, m.detections_per_img) == (0.05, 0.6 if fcos and not teacher else 0.5, 100)
     assert (t.optimizer, t.momentum, t.weight_decay, t.epochs, t.lr_steps, t.lr_gamma) == \
         ("sgd", 0.9, 1e-4, 24, [16, 22], 0.1)
-    assert t.lr == t.lr_backbone == (0.01 if fcos else 0.02) and t.batch_size == 2  # x 8 GPUs = 16
-    assert t.warmup_iters == (1000 if retina else 500)
+    assert t.lr == t.lr_backbone == (0.01 if fcos or (retina and teacher) else 0.02) and t.batch_size == 2
+    assert t.warmup_iters == (1000 if retina and not teacher else 500)
+    assert t.warmup == ("constant" if fcos and teacher else "linear")
     assert t.warmup_ratio == pytest.approx(1 / 3 if fcos else 0.001)
-    assert t.clip_max_norm == (0 if arch == "faster_rcnn" else 35)
+    assert t.clip_max_norm == (0 if arch == "faster_rcnn" or (retina and teacher) else 35)
     assert (t.bias_lr_mult, t.bias_decay_mult) == ((2.0, 0.0) if fcos else (1.0, 1.0))
     assert d.resize_rule == "mmdet" and d.max_size == 1333 and d.val_size == 800 and d.hflip_prob == 0.5
     assert d.train_scales == ([640, 800] if fcos else [800]) and d.resize_only_prob == 1.0
@@ -140,6 +145,26 @@ def test_detr_optimizer_and_schedule_are_unchanged():
     assert isinstance(sched, torch.optim.lr_scheduler.StepLR)
     after_optimizer_step(sched)  # no-op for an epoch schedule
     assert sched.last_epoch == 0 and opt.param_groups[0]["lr"] == cfg.lr
+
+
+def test_constant_warmup_holds_the_ratio_then_resumes_at_the_current_iteration():
+    """mmcv ``warmup='constant'`` (the FCOS recipe): ratio x lr for the warm-up steps, then the
+    full lr; a resumed scheduler continues where the state says."""
+    opt = build_optimizer(torch.nn.Linear(2, 2), _sgd_cfg(lr=0.01, warmup="constant", warmup_ratio=1 / 3))
+    sched = build_scheduler(opt, _sgd_cfg(lr=0.01, warmup="constant", warmup_ratio=1 / 3))
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        after_optimizer_step(sched)
+    assert seen == pytest.approx([0.01 / 3] * 4 + [0.01] * 2, rel=1e-12)
+    state = sched.state_dict()
+    assert state["warmup"] == "constant"
+    fresh_opt = build_optimizer(torch.nn.Linear(2, 2), _sgd_cfg(lr=0.01))
+    resumed = build_scheduler(fresh_opt, _sgd_cfg(lr=0.01, warmup="constant", warmup_ratio=1 / 3))
+    resumed.load_state_dict(state)
+    assert fresh_opt.param_groups[0]["lr"] == pytest.approx(0.01, rel=1e-12)
+    with pytest.raises(ConfigError, match="warmup"):
+        from_dict(TrainConfig, {**dataclasses.asdict(_sgd_cfg()), "warmup": "cosine"}, prefix="train")
 
 
 def test_warmup_needs_the_multistep_schedule():

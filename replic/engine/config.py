@@ -91,8 +91,9 @@ class TrainConfig:
     lr_schedule: Literal["step", "multistep", "cosine"] = field(default="step", metadata=ADDED_KEY)
     min_lr: float = field(default=0.0, metadata=ADDED_KEY)
     lr_steps: list[int] = field(default_factory=list, metadata=ADDED_KEY)
-    # mmdet 'linear' warm-up over the first warmup_iters optimizer steps, from warmup_ratio x lr
-    # (multistep only; 0 = none).
+    # mmdet warm-up over the first warmup_iters optimizer steps (multistep only; 0 = none):
+    # 'linear' rises from warmup_ratio x lr to lr; 'constant' holds warmup_ratio x lr (mmdet's FCOS).
+    warmup: Literal["linear", "constant"] = field(default="linear", metadata=ADDED_KEY)
     warmup_iters: int = field(default=0, metadata=ADDED_KEY)
     warmup_ratio: float = field(default=0.001, metadata=ADDED_KEY)
     # mmdet paramwise_cfg: lr and weight-decay multipliers of bias parameters outside norm layers.

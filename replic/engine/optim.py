@@ -101,17 +101,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 class WarmupMultiStepLR:
-    """mmdet's ``step`` policy with ``linear`` warm-up.
+    """mmdet's ``step`` policy with ``linear`` or ``constant`` warm-up.
 
     The lr of optimizer step i (0-based, counted over the whole run) in epoch e is
-    ``base · γ^{#(s in steps, s <= e)} · w(i)`` with ``w(i) = 1 − (1 − i / warmup_iters)(1 − ratio)``
-    for i < warmup_iters and 1 after (mmcv ``LrUpdaterHook``: the first step runs at
-    ``ratio · base``). Call :meth:`step_iteration` after each optimizer step and :meth:`step`
-    at each epoch end.
+    ``base · γ^{#(s in steps, s <= e)} · w(i)``, and ``w(i) = 1`` once i >= warmup_iters. Before
+    that, ``linear``: ``w(i) = 1 − (1 − i / warmup_iters)(1 − ratio)`` (mmcv ``LrUpdaterHook``:
+    the first step runs at ``ratio · base``); ``constant``: ``w(i) = ratio``. Call
+    :meth:`step_iteration` after each optimizer step and :meth:`step` at each epoch end.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, steps: list[int], gamma: float,
-                 warmup_iters: int, warmup_ratio: float) -> None:
+                 warmup_iters: int, warmup_ratio: float, warmup: str = "linear") -> None:
+        if warmup not in ("linear", "constant"):
+            raise ValueError(f"warmup: 'linear' or 'constant', got {warmup!r}")
+        self.warmup = warmup
         self.optimizer = optimizer
         self.steps = list(steps)
         self.gamma = gamma
@@ -126,6 +129,8 @@ class WarmupMultiStepLR:
         """The multiplier of the base lrs for the next optimizer step."""
         decay = self.gamma ** sum(1 for s in self.steps if self.epoch >= s)
         if self.iteration < self.warmup_iters:
+            if self.warmup == "constant":
+                return decay * self.warmup_ratio
             k = (1 - self.iteration / self.warmup_iters) * (1 - self.warmup_ratio)
             return decay * (1 - k)
         return decay
@@ -151,7 +156,7 @@ class WarmupMultiStepLR:
     def state_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "epoch": self.epoch, "base_lrs": list(self.base_lrs),
                 "steps": list(self.steps), "gamma": self.gamma, "warmup_iters": self.warmup_iters,
-                "warmup_ratio": self.warmup_ratio}
+                "warmup_ratio": self.warmup_ratio, "warmup": self.warmup}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration, self.epoch = int(state["iteration"]), int(state["epoch"])
@@ -207,7 +212,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
     if cfg.lr_schedule == "cosine":
         return CosineIterLR(optimizer, int(cfg.max_steps or 1), cfg.min_lr)
     if cfg.lr_schedule == "multistep":
-        return WarmupMultiStepLR(optimizer, cfg.lr_steps, cfg.lr_gamma, cfg.warmup_iters, cfg.warmup_ratio)
+        return WarmupMultiStepLR(optimizer, cfg.lr_steps, cfg.lr_gamma, cfg.warmup_iters, cfg.warmup_ratio,
+                                 cfg.warmup)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=cfg.lr_gamma)
 
 

@@ -204,9 +204,9 @@ def recipe_values(cfg: Any, gpus: int | None = None,
         v["train.lr_gamma"] = t.lr_gamma
     else:
         v["train.min_lr"] = t.min_lr
-    # Only the multistep schedule warms up (TrainConfig.validate), and linearly (mmdet 'linear').
+    # Only the multistep schedule warms up (TrainConfig.validate): mmdet 'linear' or 'constant'.
     warm = t.lr_schedule == "multistep" and t.warmup_iters > 0
-    v["train.warmup"] = "linear" if warm else "none"
+    v["train.warmup"] = t.warmup if warm else "none"
     if warm:
         v["train.warmup_iters"] = t.warmup_iters
         v["train.warmup_ratio"] = t.warmup_ratio
@@ -805,6 +805,10 @@ DELIBERATE: tuple[Deviation, ...] = (
     Deviation(("maskd_tokens_frcnn_*",), "train.weight_decay", 1e-4, 1e-3,
               "as train.optimizer: the paper's Adam weight decay.", _MK),
     Deviation(("maskd_tokens_frcnn_*",), "train.momentum", 0.9, ABSENT, "Adam has no momentum term.", _MK),
+    Deviation(("maskd_tokens_frcnn_*",), "model.backbone", "resnet50", "resnet101",
+              "[inferred] the official Faster R-CNN mask config extends the R50 config while loading the R101 "
+              "teacher's checkpoint (a non-strict load that drops layer3 blocks 6-22); replic learns the tokens "
+              "on the R101 teacher the students distil from, as the RetinaNet and FCOS mask configs do.", _MK),
     Deviation(("maskd_retinanet_r50_24ep*",), "method.head_kd", "mmdet.L1Loss on bbox_head.retina_reg ×1", "none",
               "not reproduced: the official KD configs' extra head terms (our rows are MasKD's feature loss "
               "alone).", _MK),
@@ -835,7 +839,7 @@ DELIBERATE: tuple[Deviation, ...] = (
               "weights offline.", _CNN),
     Deviation(_CNN_ALL, "data.filter_empty_gt", True, False,
               "replic's dataset keeps images without boxes (empty targets); torchvision handles them.", _CNN),
-    Deviation(("retinanet_*",), "train.warmup_iters", 500, 1000,
+    Deviation(("retinanet_r50_*",), "train.warmup_iters", 500, 1000,
               "the numbers compared are MasKD's runs, whose RetinaNet KD configs warm up for 1000 iterations "
               "(the mmdet zoo RetinaNet, the teacher's recipe, uses 500).", _CNN),
     Deviation(_CNN_ALL, "impl.detector_code", "mmdet heads, assigners, samplers", "torchvision's",

@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "replic.engine.cli",
     "replic.engine.compare",
     "replic.engine.pretrain",
+    "replic.engine.backbone_asset",
     "replic.models.convert_cli",
     "replic.viz.cli",
     "replic.workflow.tables_cli",

@@ -41,11 +41,34 @@ rule synth_mini_data:
         " --size {params.size} --seed {params.seed} > {log} 2>&1"
 
 
+rule unpack_mini_backbone:
+    """The mini scale's frozen ResNet-18 from the committed asset (config mini_backbone: shipped):
+    the file rule pretrain_backbone wrote, rebuilt byte for byte (sha256 checked), in seconds.
+    Refused when the mini train annotations are not the ones it was pretrained on."""
+    input:
+        train=MINI_TRAIN_ANN,
+        manifest=f"{config['mini_backbone_asset']}/manifest.json",
+    output:
+        weights=MINI_BACKBONE,
+        provenance=f"{MINI_BACKBONE}.provenance.json",
+    params:
+        root=lambda wildcards, input: str(Path(input.train).parent.parent),
+        asset=config["mini_backbone_asset"],
+    log:
+        f"{RUNS}/mini/logs/unpack_mini_backbone.log",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "replic backbone-asset unpack --asset {params.asset} --out {output.weights} --data {params.root}"
+        " > {log} 2>&1 || {{ cat {log} >&2; exit 1; }}"
+
+
 rule pretrain_backbone:
     """The mini scale's frozen ResNet-18: dense (CenterNet/FCOS-style) pretraining on the mini
-    train split, once; writes the weights and <weights>.provenance.json. Deterministic for a
-    thread count (recorded in the provenance). Every mini run waits for it, so it may take
-    all the cores (mini_pretrain.threads, at most --cores)."""
+    train split, once (config mini_backbone: pretrain); writes the weights and
+    <weights>.provenance.json. Deterministic for a thread count (recorded in the provenance).
+    Every mini run waits for it, so it may take all the cores (mini_pretrain.threads, at most --cores)."""
     input:
         train=MINI_TRAIN_ANN,
         val=MINI_VAL_ANN,
@@ -73,6 +96,16 @@ rule pretrain_backbone:
         "replic pretrain-backbone --data {params.root} --out {output.weights} --steps {params.steps}"
         " --batch-size {params.batch_size} --seed {params.seed} --roi-cls-weight {params.roi_cls_weight}"
         " --threads {threads} > {log} 2>&1"
+
+
+# Both rules make the mini backbone; config mini_backbone picks which one does.
+if config.get("mini_backbone", "shipped") == "pretrain":
+
+    ruleorder: pretrain_backbone > unpack_mini_backbone
+
+else:
+
+    ruleorder: unpack_mini_backbone > pretrain_backbone
 
 
 rule check_data:

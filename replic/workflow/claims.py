@@ -32,7 +32,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,6 +131,14 @@ class Ledger:
 
     def at_scale(self, scale: str) -> list[Claim]:
         return [c for c in self.claims if scale in c.scales]
+
+    def only(self, ids: Sequence[str]) -> Ledger:
+        """The ledger restricted to the claims ``ids`` (in the file's order); unknown ids are errors."""
+        known = [c.id for c in self.claims]
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise ConfigError(f"claims: no claim {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+        return replace(self, claims=[c for c in self.claims if c.id in ids])
 
     def runs(self, scale: str) -> list[str]:
         """Every run (seed replicates included) the claims at ``scale`` read, each once."""
@@ -305,7 +313,8 @@ def ledger_markdown(results: list[ClaimResult], ledger: Ledger, scale: str, runs
                     link_root: str | None = None) -> str:
     """The ledger as Markdown: a verdict per claim, its comparisons, and links to the runs
     (``link_root``: the runs directory as seen from where the Markdown file lives)."""
-    out = [f"# Claims ledger — {scale} scale", ""]
+    title = f"Claim {ledger.claims[0].id}" if len(ledger.claims) == 1 else "Claims ledger"
+    out = [f"# {title} — {scale} scale", ""]
     if scale == "smoke":
         out += ["**Smoke scale cannot test claims**: its models do not learn (a pipeline check of the "
                 "ledger only). Build `results/claims_mini.md` with `--config scale=mini` for verdicts.", ""]
@@ -344,22 +353,25 @@ def ledger_markdown(results: list[ClaimResult], ledger: Ledger, scale: str, runs
     return "\n".join(out) + "\n"
 
 
-def write_ledger(results: list[ClaimResult], ledger: Ledger, scale: str, runs_dir: str, out_dir: str | Path) -> None:
-    """``claims_<scale>.{csv,md,provenance.json}`` under ``out_dir``, each written atomically."""
+def write_ledger(results: list[ClaimResult], ledger: Ledger, scale: str, runs_dir: str, out_dir: str | Path,
+                 stem: str | None = None) -> None:
+    """``<stem>.{csv,md,provenance.json}`` under ``out_dir`` (stem ``claims_<scale>`` by default),
+    each written atomically."""
     out_dir = Path(out_dir)
+    stem = stem or f"claims_{scale}"
     rows = ledger_rows(results, ledger, scale)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out_dir / f"claims_{scale}.csv", buffer.getvalue())
+    atomic_write_text(out_dir / f"{stem}.csv", buffer.getvalue())
     link_root = os.path.relpath(Path(runs_dir).resolve(), out_dir.resolve())
-    atomic_write_text(out_dir / f"claims_{scale}.md", ledger_markdown(results, ledger, scale, runs_dir, link_root))
+    atomic_write_text(out_dir / f"{stem}.md", ledger_markdown(results, ledger, scale, runs_dir, link_root))
     provenance = {
         "scale": scale, "bootstrap": {"resamples": ledger.bootstrap.resamples, "seed": ledger.bootstrap.seed},
         "runs": {n: _run_provenance(Path(runs_dir) / scale / n) for n in ledger.runs(scale)},
     }
-    atomic_write_text(out_dir / f"claims_{scale}.provenance.json", json.dumps(provenance, indent=2) + "\n")
+    atomic_write_text(out_dir / f"{stem}.provenance.json", json.dumps(provenance, indent=2) + "\n")
 
 
 def _run_provenance(run_dir: Path) -> dict[str, Any]:
@@ -389,14 +401,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--experiments-dir", default="configs/experiments")
     parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--claim", action="append", default=[], metavar="ID",
+                        help="only this claim (repeatable); the files are then named after the claim")
     args = parser.parse_args(argv)
     try:
         ledger = load_ledger(args.claims, args.experiments_dir)
+        if args.claim:
+            ledger = ledger.only(args.claim)
+        if not ledger.at_scale(args.scale):
+            raise ConfigError(f"claims: {', '.join(args.claim) or 'no claim'} cannot be tested at {args.scale} scale")
         results = evaluate_ledger(ledger, args.scale, args.gt, args.runs_dir)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"claims: error: {err}", file=sys.stderr)
         return 2
-    write_ledger(results, ledger, args.scale, args.runs_dir, args.out_dir)
+    write_ledger(results, ledger, args.scale, args.runs_dir, args.out_dir,
+                 stem="_".join(args.claim) if args.claim else None)
     for result in results:
         print(f"{result.claim.id}: {result.verdict} "
               + "; ".join(f"{c.label} {c.effect:+.2f} [{_fmt(c.low)}, {_fmt(c.high)}]" for c in result.comparisons))

@@ -258,8 +258,13 @@ def table_evaluations(wildcards):
     ]
 
 
-# The convergence figure (job convergence_figure): these two runs' periodic evaluations.
-CONVERGENCE_RUNS = {"DETR": "detr_r50_50ep", "Conditional DETR": "cdetr_r50_50ep"}
+# The convergence figures (job convergence_figure): each pair's periodic evaluations, as
+# results/figures/<scale>/convergence_<pair>.png. The 12-epoch pair is the main job's.
+CONVERGENCE_PAIRS = {
+    "detr_vs_cdetr": {"DETR": "detr_r50_50ep", "Conditional DETR": "cdetr_r50_50ep"},
+    "detr_vs_cdetr_12ep": {"DETR": "detr_r50_12ep", "Conditional DETR": "cdetr_r50_12ep"},
+}
+CONVERGENCE_RUNS = CONVERGENCE_PAIRS["detr_vs_cdetr"]
 # Their seed replicates (job convergence_seeds_figure): the base run plus <name>_seed<n>.
 CONVERGENCE_REPLICATES = {
     label: [name] + [f"{name}_seed{int(n)}" for n in config.get("convergence_seeds", [])]
@@ -317,6 +322,22 @@ def claims_ledger():
 def claims_inputs(wildcards):
     """The evaluations of every run (seed replicates included) the ledger reads at a scale."""
     runs = claims_ledger().runs(wildcards.scale)
+    return {
+        "detections": [f"{RUNS}/{wildcards.scale}/{run}/eval/detections.json" for run in runs],
+        "metrics": [f"{RUNS}/{wildcards.scale}/{run}/eval/metrics.json" for run in runs],
+    }
+
+
+def claim_inputs(wildcards):
+    """The evaluations one claim reads at a scale; an unknown claim or scale is refused."""
+    try:
+        ledger = claims_ledger().only([wildcards.claim])
+    except ConfigError as err:
+        raise WorkflowError(str(err)) from None
+    if not ledger.at_scale(wildcards.scale):
+        raise WorkflowError(f"claim {wildcards.claim} cannot be tested at {wildcards.scale} scale "
+                            f"(its scales: {', '.join(ledger.claims[0].scales)})")
+    runs = ledger.runs(wildcards.scale)
     return {
         "detections": [f"{RUNS}/{wildcards.scale}/{run}/eval/detections.json" for run in runs],
         "metrics": [f"{RUNS}/{wildcards.scale}/{run}/eval/metrics.json" for run in runs],

@@ -90,29 +90,33 @@ rule table_attention:
 
 rule convergence_figure:
     """DETR vs Conditional DETR: val AP against training steps from periodic evaluation (the
-    analogue of the paper's Figure 1; mini scale, where train.eval_every is set)."""
+    analogue of the paper's Figure 1; mini scale, where train.eval_every is set). One figure per
+    pair of CONVERGENCE_PAIRS: 50 epochs (detr_vs_cdetr) and 12 epochs (detr_vs_cdetr_12ep)."""
     input:
-        detr=f"{RUNS}/{{scale}}/{CONVERGENCE_RUNS['DETR']}/done.json",
-        cdetr=f"{RUNS}/{{scale}}/{CONVERGENCE_RUNS['Conditional DETR']}/done.json",
+        runs=lambda wildcards: [f"{RUNS}/{wildcards.scale}/{name}/done.json"
+                                for name in CONVERGENCE_PAIRS[wildcards.pair].values()],
     output:
         figure=report(
-            "results/figures/{scale}/convergence_detr_vs_cdetr.png",
+            "results/figures/{scale}/convergence_{pair}.png",
             caption="../report/figure_curves.rst",
             category="Figures",
-            labels={"table": "convergence", "figure": "val AP vs step"},
+            labels={"table": "convergence", "figure": "val AP vs step ({pair})"},
         ),
-        csv="results/figures/{scale}/convergence_detr_vs_cdetr.csv",
+        csv="results/figures/{scale}/convergence_{pair}.csv",
+    wildcard_constraints:
+        pair="|".join(CONVERGENCE_PAIRS),
     params:
         runs=lambda wildcards: " ".join(f"--run '{label}={RUNS}/{wildcards.scale}/{name}'"
-                                        for label, name in CONVERGENCE_RUNS.items()),
+                                        for label, name in CONVERGENCE_PAIRS[wildcards.pair].items()),
+        schedule=lambda wildcards: "12 epochs" if wildcards.pair.endswith("_12ep") else "50 epochs",
     log:
-        "results/logs/convergence_{scale}.log",
+        "results/logs/convergence_{scale}_{pair}.log",
     localrule: True
     conda:
         ENV
     shell:
         "python -m replic.viz.convergence {params.runs} --out {output.figure}"
-        " --title 'DETR vs Conditional DETR, {wildcards.scale} scale' > {log} 2>&1"
+        " --title 'DETR vs Conditional DETR, {params.schedule}, {wildcards.scale} scale' > {log} 2>&1"
 
 
 rule convergence_seeds_figure:

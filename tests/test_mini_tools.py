@@ -37,6 +37,26 @@ def test_convergence_reads_eval_lines_in_step_order_and_writes_figure_and_csv(tm
     assert rows[2] == "DETR,0,20,30.00,60.00,15.00,0.1000,0.2000,4,,"
 
 
+def test_convergence_ends_on_the_final_evaluation_of_a_done_run(tmp_path):
+    """A done and evaluated run's curve gets its final evaluation (every val image) at the last
+    step, unless a periodic evaluation already sits at that step."""
+    run = _run(tmp_path, "a", [(10, 0.1), (20, 0.2)])
+    assert len(eval_points(run)) == 2  # not done yet
+    (run / "done.json").write_text(json.dumps({"global_steps": 25}))
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text(json.dumps({
+        "metrics": {"AP": 0.25, "AP50": 0.5, "AP75": 0.125}, "eval": {"images": 8},
+        "diagnostics": {"top_box_std": 0.15, "gt_box_std": 0.2}}))
+    points = eval_points(run)
+    assert [p["step"] for p in points] == [10, 20, 25] and points[-1]["final"]
+    assert render_csv({"X": [points]}).splitlines()[-1] == "X,0,25,25.00,50.00,12.50,0.1500,0.2000,8,,"
+    (run / "done.json").write_text(json.dumps({"global_steps": 20}))
+    assert [p["AP"] for p in eval_points(run)] == [0.1, 0.2]  # the periodic point at 20 is kept
+    (run / "done.json").write_text("{}")
+    with pytest.raises(ValueError, match="done.json"):
+        eval_points(run)
+
+
 def test_convergence_with_seeds_draws_replicates_and_their_mean_and_states_the_gap(tmp_path, capsys):
     detr = [_run(tmp_path, "d0", [(10, 0.10), (20, 0.20)]), _run(tmp_path, "d1", [(10, 0.14), (20, 0.22)])]
     cdetr = [_run(tmp_path, "c0", [(10, 0.12), (20, 0.30)]), _run(tmp_path, "c1", [(10, 0.11), (20, 0.28)])]

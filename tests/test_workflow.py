@@ -22,7 +22,7 @@ import yaml
 from replic.workflow.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_PATHS = ("Snakefile", "workflow", "config", "configs", "envs", "profiles", "slurm")
+WORKFLOW_PATHS = ("Snakefile", "workflow", "config", "configs", "envs", "profiles", "slurm", "assets")
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
@@ -146,10 +146,11 @@ def test_mini_dag_pretrains_the_backbone_once_with_its_configured_task_and_threa
     threads of config mini_pretrain (capped by --cores, as Snakemake caps a rule's threads)."""
     workdir = copy_workflow(tmp_path / "wf")
     result = snakemake(workdir, "-n", "-p", "--cores", "2", "results/table_cdetr_ablations.csv",
-                       "--config", "scale=mini")
+                       "--config", "scale=mini", "mini_backbone=pretrain")
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
     assert counts["synth_mini_data"] == 1 and counts["pretrain_backbone"] == 1 and counts["train"] == 15
+    assert "unpack_mini_backbone" not in counts
     command = next(line for line in result.stdout.splitlines() if "replic pretrain-backbone" in line)
     assert "--roi-cls-weight 1.0" in command and "--threads 2" in command and "OMP_NUM_THREADS=2" in command
     # The overlay job checks the backbone against the same options before any run starts.
@@ -160,10 +161,32 @@ def test_mini_dag_pretrains_the_backbone_once_with_its_configured_task_and_threa
     for option in ("steps=1200", "batch_size=16", "seed=0", "roi_cls_weight=1.0"):
         assert f"--backbone-expect {option}" in overlay
     one_core = snakemake(workdir, "-n", "-p", "--cores", "1", "runs/mini/backbone/resnet18_dense.pt",
-                         "--config", "scale=mini")
+                         "--config", "scale=mini", "mini_backbone=pretrain")
     assert one_core.returncode == 0, one_core.stdout + one_core.stderr
     command = next(line for line in one_core.stdout.splitlines() if "replic pretrain-backbone" in line)
     assert "--threads 1" in command and "OMP_NUM_THREADS=1" in command
+
+
+def test_main_jobs_claim_unpacks_the_shipped_backbone_and_trains_only_its_two_runs(tmp_path: Path) -> None:
+    """scripts/run-main.sh's targets: the mini data, the shipped backbone (no pretraining), the
+    12-epoch pair trained and evaluated once each, the claim and the convergence figure. A misspelt
+    claim is refused while the DAG is built, naming the known claims."""
+    workdir = copy_workflow(tmp_path / "wf")
+    result = snakemake(workdir, "-n", "-p", "--cores", "2", "results/claims/mini/cdetr_ahead_at_12_epochs.md",
+                       "results/figures/mini/convergence_detr_vs_cdetr_12ep.png", "--config", "scale=mini")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert counts == {"synth_mini_data": 1, "unpack_mini_backbone": 1, "scale_overlay": 1, "train": 2,
+                      "evaluate": 2, "claim": 1, "convergence_figure": 1, "total": 9}, counts
+    assert "replic backbone-asset unpack --asset assets/mini_backbone" in result.stdout
+    for run in ("cdetr_r50_12ep", "detr_r50_12ep"):
+        assert f"runs/mini/{run}/eval/detections.json" in result.stdout
+    assert "--claim cdetr_ahead_at_12_epochs" in result.stdout
+    typo = snakemake(workdir, "-n", "--cores", "1", "results/claims/mini/cdetr_ahead_at_12_epoch.md",
+                     "--config", "scale=mini")
+    assert typo.returncode != 0
+    assert "no claim 'cdetr_ahead_at_12_epoch'" in typo.stdout + typo.stderr
+    assert "cdetr_ahead_at_12_epochs" in typo.stdout + typo.stderr
 
 
 def test_smoke_dag_of_attention_figures(tmp_path: Path) -> None:

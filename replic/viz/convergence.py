@@ -1,8 +1,10 @@
 """Val AP against training steps for several runs (the analogue of Conditional DETR's Figure 1).
 
 Reads the ``{"type": "eval"}`` lines that periodic evaluation (``train.eval_every``) writes to
-each run's ``metrics.jsonl`` and draws AP and AP50 (×100) against the optimizer step, one line
-per run; the same points go to a CSV beside the figure.
+each run's ``metrics.jsonl`` (a subset of the val images) and, once the run is done and
+evaluated, its final evaluation on every val image at the last step, and draws AP and AP50 (×100)
+against the optimizer step, one line per run; the same points go to a CSV beside the figure
+(column ``images``: how many val images each point scored).
 
 A label given several times (``--run "DETR=…seed1" --run "DETR=…seed2"``) is one model trained
 with several seeds: each replicate is drawn thin, their mean bold, and the CSV gets a
@@ -47,7 +49,28 @@ def eval_points(run_dir: str | Path) -> list[dict[str, Any]]:
             points.append(record)
     if not points:
         raise ValueError(f"{path}: no periodic evaluation lines (train.eval_every was 0 for this run)")
+    final = final_point(run_dir)
+    if final is not None and all(p["step"] != final["step"] for p in points):
+        points.append(final)
     return sorted(points, key=lambda r: r["step"])
+
+
+def final_point(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's final evaluation (``eval/metrics.json``, every val image) at its last optimizer
+    step (``done.json``), as a curve point; None before both exist. It is the value a claim or a
+    table compares, so the curve ends on it."""
+    done, metrics = Path(run_dir) / "done.json", Path(run_dir) / "eval" / "metrics.json"
+    if not (done.is_file() and metrics.is_file()):
+        return None
+    try:
+        step = int(json.loads(done.read_text())["global_steps"])
+        evaluated = json.loads(metrics.read_text())
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{run_dir}: unreadable done.json or eval/metrics.json ({err})") from err
+    diagnostics = evaluated.get("diagnostics", {})
+    return {**{k: evaluated["metrics"].get(k) for k in METRICS}, "step": step, "final": True,
+            "images": evaluated.get("eval", {}).get("images"),
+            "top_box_std": diagnostics.get("top_box_std"), "gt_box_std": diagnostics.get("gt_box_std")}
 
 
 def mean_points(replicates: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -22,6 +22,18 @@ MINI_BACKBONE = f"{RUNS}/mini/backbone/resnet18_dense.pt"
 MINI_FEATURE_CACHE = f"{RUNS}/mini/feature_cache"
 ENV = "../../envs/replic.yaml"
 
+
+def mini_backbone_asset_sha256():
+    """The sha256 of the weights file the shipped mini backbone unpacks to (its manifest)."""
+    import json
+
+    manifest = Path(config["mini_backbone_asset"]) / "manifest.json"
+    try:
+        return json.loads(manifest.read_text())["sha256"]
+    except (OSError, ValueError, KeyError) as err:
+        raise WorkflowError(f"{manifest}: unreadable ({err}); run with --config mini_backbone=pretrain "
+                            "to train the mini backbone instead") from None
+
 try:
     # Strict: unknown keys, bad metric names, duplicate rows fail here, before the DAG is built.
     REGISTRY = load_registry(config["registry"])

@@ -176,8 +176,8 @@ def test_main_jobs_claim_unpacks_the_shipped_backbone_and_trains_only_its_two_ru
                        "results/figures/mini/convergence_detr_vs_cdetr_12ep.png", "--config", "scale=mini")
     assert result.returncode == 0, result.stdout + result.stderr
     counts = job_counts(result.stdout)
-    assert counts == {"synth_mini_data": 1, "unpack_mini_backbone": 1, "scale_overlay": 1, "train": 2,
-                      "evaluate": 2, "claim": 1, "convergence_figure": 1, "total": 9}, counts
+    assert counts == {"synth_mini_data": 1, "check_data": 1, "unpack_mini_backbone": 1, "scale_overlay": 1,
+                      "train": 2, "evaluate": 2, "claim": 1, "convergence_figure": 1, "total": 10}, counts
     assert "replic backbone-asset unpack --asset assets/mini_backbone" in result.stdout
     for run in ("cdetr_r50_12ep", "detr_r50_12ep"):
         assert f"runs/mini/{run}/eval/detections.json" in result.stdout

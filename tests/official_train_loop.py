@@ -47,7 +47,8 @@ NAMES: dict[int, str] = {}  # id(parameter) -> name in the official model
 
 
 def _import_official(repo: str) -> Any:
-    """Their ``main`` module, imported with the torch-2 workaround of conditional_detr.md §6.1."""
+    """Their ``main`` module, imported with a torch-2 workaround: their version checks
+    break on torch >= 2, so the version strings are patched around the import."""
     sys.path.insert(0, repo)
     real_torch, real_tv = torch.__version__, torchvision.__version__
     torch.__version__ = "1.9.0"  # ConditionalDETR models/attention.py: version check broken on torch >= 2

@@ -3,8 +3,8 @@ DETR (facebookresearch/detr @ 29901c5).
 
 Each test runs only when ``REPLIC_OFFICIAL_CONDDETR`` / ``REPLIC_OFFICIAL_DETR`` points at a
 checkout of the official repository (never vendored here). The official model runs in a subprocess — its top-level packages
-``models``/``util`` would shadow others — with the torch-2 import workaround of
-conditional_detr.md §6.1 and no ImageNet download. Every LayerNorm, FrozenBN buffer, bias
+``models``/``util`` would shadow others — with a torch-2 import workaround (their
+version checks fail on torch >= 2) and no ImageNet download. Every LayerNorm, FrozenBN buffer, bias
 and the zero-initialised last box layer are randomised first (defaults hide misplaced norms).
 
 Run them before any change to the models lands (CI has no copy of the authors' code):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start a real single-node Slurm (munge + slurmctld + slurmd) on localhost, as root,
 # for CI: no accounting database, no cgroups, optional fake GPUs through GRES.
-# Follows docs in shared/notes/slurm-local.md (§2–§4). Idempotent: a running
+# A single-node Slurm (slurmctld + slurmd on this host, munge auth). Idempotent: a running
 # controller is left alone. Env:
 #   REPLIC_SLURM_FAKE_GPUS  number of fake GPUs to advertise (0-5, default 0)
 #   REPLIC_SLURM_WAIT_S     seconds to wait for the node to become idle (default 30)

@@ -2,13 +2,13 @@
 
 replic uses the official Conditional DETR parameter names, so this is the HF 5.x →
 official map (the inverse of HF's own conversion script plus the 5.x renames; see
-``/work/shared/papers/conditional_detr.md`` §7.1). It is written out rule by rule so
+the transformers ``ConditionalDetrForObjectDetection`` weight names). It is written out rule by rule so
 that a key HF adds or renames fails loudly instead of being dropped. HF splits the
 encoder self-attention ``in_proj`` into ``q_proj``/``k_proj``/``v_proj``; they are
 stacked back in q, k, v order.
 
 Only used as a forward-parity reference (tests): HF's ``auxiliary_loss=True`` decoder
-differs from the official one (conditional_detr.md §7.2).
+differs from the official one in its auxiliary outputs.
 """
 
 from __future__ import annotations

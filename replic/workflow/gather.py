@@ -290,7 +290,7 @@ def render_markdown(name: str, table: Table, scale: str, rows: list[GatheredRow]
         f"Scale: **{scale}**. Source: {table.source} of {table.paper or paper}.",
         *([f"Note: {table.note}"] if table.note else []),
         "Cells: paper / ours (ours − paper), AP points. `n/p`: not published; `—`: no result; "
-        "*: row label inferred by the reference notes.",
+        "*: row label reconstructed from the paper's text, not read from a table.",
         "",
     ]
     if scale == "mini":

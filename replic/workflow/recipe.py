@@ -670,9 +670,10 @@ FAMILIES: tuple[Family, ...] = (
            "train 50 epochs. The 12-epoch run is D³ETR's short-schedule baseline. Table 3, Figure 5 and §4.3 "
            "ablations are model switches with no flag in the official code."),
     Family("conditional_detr", "DETR baselines (Table 1)", ("detr_r50_50ep", "detr_r101_50ep", "detr_dc5_*",
-                                                             "detr_*_500ep"), "detr",
+                                                             "detr_*_500ep", "detr_r50_12ep"), "detr",
            "The 50-epoch DETR rows are the Conditional DETR paper's re-runs; the 500-epoch rows are the "
-           "original DETR schedule (its released checkpoints)."),
+           "original DETR schedule (its released checkpoints); the 12-epoch row is replic's short-schedule "
+           "pair of `cdetr_r50_12ep` (the main job's claim)."),
     Family("conditional_detr", "DETR with focal loss / offset regression (Table 4)", ("detr_r50_50ep_t4_*",), "detr",
            "Table 4 switches focal loss (with Conditional DETR's 300 queries and loss weights) and offset "
            "regression on the 50-epoch DETR-R50; the row without either is `detr_r50_50ep` above."),
@@ -783,6 +784,12 @@ DELIBERATE: tuple[Deviation, ...] = (
     Deviation(("detr_r50_50ep*", "detr_r101_50ep", "detr_dc5_r50_50ep", "detr_dc5_r101_50ep"), "train.lr_drop",
               200, 40, "[inferred] the Conditional DETR 50-epoch schedule; the paper does not state the drop of "
               "its 50-epoch DETR runs.", "configs/experiments/base/detr.yaml"),
+    Deviation(("detr_r50_12ep",), "train.epochs", 300, 12,
+              "[inferred] no paper trains DETR for 12 epochs: the DETR side of the short-schedule pair with "
+              "cdetr_r50_12ep (claim cdetr_ahead_at_12_epochs, Conditional DETR Figure 1).",
+              "configs/experiments/detr_r50_12ep.yaml"),
+    Deviation(("detr_r50_12ep",), "train.lr_drop", 200, 11, "as cdetr_r50_12ep (detrex's 12-epoch schedule).",
+              "configs/experiments/detr_r50_12ep.yaml"),
     Deviation(("detr_*500ep",), "train.epochs", 300, 500,
               "the DETR paper's 500-epoch schedule (its released checkpoints).",
               "configs/experiments/detr_r50_500ep.yaml"),

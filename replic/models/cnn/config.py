@@ -2,7 +2,7 @@
 
 An experiment selects this family with ``model: {family: cnn, arch: ...}``; a model section
 without ``family`` is a DETR (:class:`replic.models.config.ModelConfig`). Defaults follow the
-MMDetection 2.x configs MasKD trains with (shared/papers/maskd.md §2); every difference from
+MMDetection 2.x configs MasKD trains with (hunto/MasKD mmrazor/configs/distill/maskd/, mmdet 2.14 _base_ schedules); every difference from
 them is listed in docs/cnn_detectors.md. Torch-free, so loading a config imports no torch.
 """
 

@@ -178,7 +178,9 @@ class ExperimentConfig:
     # The training method (replic.methods): ``name`` plus that method's own options, checked
     # by the method's ``Options`` dataclass. ``none`` = plain detector training.
     # ADDED_KEY: omitted while plain training, so configs written before methods existed keep their hash.
-    method: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_METHOD), metadata=ADDED_KEY)
+    # A list of such sections composes methods on one student (replic/methods/compose.py).
+    method: dict[str, Any] | list[dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_METHOD),
+                                                          metadata=ADDED_KEY)
 
     def validate(self) -> None:
         """Cross-section checks."""

@@ -51,11 +51,12 @@ def unsupported_reason(cfg: Any) -> str | None:
     family = getattr(cfg.model, "family", "detr")
     if family != "detr":
         return f"model family '{family}' has no cached-feature path"
-    method = cfg.method.get("name", "none") if isinstance(cfg.method, dict) else "none"
-    # KS-DETR only feeds a GT mask to an encoder layer; D³ETR's teacher reads the same maps when it
-    # shares the student's frozen backbone (checked by the method): the cached maps serve both.
-    if method not in ("none", "ks_detr", "d3etr"):
-        return f"method '{method}' runs its own forward on the images"
+    from replic.methods import method_classes
+
+    # Each method declares whether its step can read cached maps (TrainingMethod.uses_cached_features).
+    for cls in method_classes(cfg.method):
+        if not cls.uses_cached_features:
+            return f"method '{cls.name}' runs its own forward on the images"
     return None
 
 

@@ -37,13 +37,40 @@ def method_class(name: Any) -> type[TrainingMethod]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def parse_method_options(section: dict[str, Any]) -> tuple[type[TrainingMethod], Any]:
-    """Split the ``method`` config section into (class, typed options); strict, keys named."""
+def parse_method_options(section: dict[str, Any] | list[dict[str, Any]]) -> tuple[type[TrainingMethod], Any]:
+    """Split the ``method`` config section into (class, typed options); strict, keys named.
+
+    A list of sections composes methods on one student (:class:`~replic.methods.compose.ComposedMethod`)."""
+    if isinstance(section, list):
+        from replic.methods.compose import ComposedMethod, ComposedOptions, check_composable
+
+        parts = []
+        for i, item in enumerate(section):
+            if not isinstance(item, dict):
+                raise ConfigError(f"method[{i}]: expected a mapping with a 'name', got {item!r}")
+            options = dict(item)
+            cls = method_class(options.pop("name", "none"))
+            parts.append((cls, from_dict(cls.Options, options, prefix=f"method[{i}]")))
+        composed = ComposedOptions(parts)
+        check_composable(composed)
+        return ComposedMethod, composed
     if not isinstance(section, dict):
-        raise ConfigError(f"method: expected a mapping with a 'name', got {section!r}")
+        raise ConfigError(f"method: expected a mapping with a 'name' (or a list of them), got {section!r}")
     options = dict(section)
     cls = method_class(options.pop("name", "none"))
     return cls, from_dict(cls.Options, options, prefix="method")
+
+
+def method_classes(section: dict[str, Any] | list[dict[str, Any]]) -> list[type[TrainingMethod]]:
+    """The method class(es) a ``method`` section names (several for a composition)."""
+    cls, options = parse_method_options(section)
+    return [part for part, _ in options.parts] if isinstance(options, _composed_options()) else [cls]
+
+
+def _composed_options() -> type:
+    from replic.methods.compose import ComposedOptions
+
+    return ComposedOptions
 
 
 def build_method(cfg: Any, run_dir: Any = None) -> TrainingMethod:
@@ -59,4 +86,4 @@ def build_method(cfg: Any, run_dir: Any = None) -> TrainingMethod:
 
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "MethodStep", "TrainingMethod", "build_method", "method_class",
-           "parse_method_options"]
+           "method_classes", "parse_method_options"]

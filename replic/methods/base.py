@@ -13,6 +13,12 @@ Lifecycle, as :class:`replic.engine.train.Trainer` drives it::
     outputs = method.forward_train(model, images, mask, targets)   # every training step
     losses = criterion(outputs, targets)  # built-in set loss + the registered terms
 
+A training step is three hooks: :meth:`~TrainingMethod.model_inputs` (keyword arguments the
+method asks of the student's forward, e.g. KS-DETR's GT mask, D³ETR's teacher queries),
+one student forward, and :meth:`~TrainingMethod.after_forward` (what the method adds to the
+outputs: teacher predictions, a feature loss). Methods compose through these hooks
+(replic/methods/compose.py: several methods, one student forward).
+
 ``method`` is an ``nn.Module``: its own trainable parameters (e.g. MasKD's align convs) are
 optimised, all-reduced under DDP and checkpointed (key ``method``) beside the detector's.
 Frozen teachers are *not* submodules: they never enter the optimizer, DDP's gradient sync or
@@ -41,6 +47,15 @@ class TrainingMethod(nn.Module):
     name: ClassVar[str] = "none"
     # The dataclass of this method's options (the ``method`` config section minus ``name``).
     Options: ClassVar[type] = NoOptions
+    # Whether cached frozen-backbone maps of the student (train.feature_cache) can stand in for the
+    # images this method's step reads; a method that runs its own forward on the images says False.
+    # (After setup, :meth:`feature_cache_reason` can still decline with a reason.)
+    uses_cached_features: ClassVar[bool] = True
+    # The keyword arguments of the student's forward that :meth:`model_inputs` sets: two methods
+    # setting the same one cannot compose.
+    model_input_keys: ClassVar[frozenset[str]] = frozenset()
+    # A stage that trains no student (MasKD's token learning) cannot be composed with others.
+    composable: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, options: Any) -> None:
         """``cfg``: the whole ExperimentConfig; ``options``: an instance of :attr:`Options`."""
@@ -82,22 +97,53 @@ class TrainingMethod(nn.Module):
         reads (``train.feature_cache``), after :meth:`setup`; None: they can. Default: they can."""
         return None
 
+    def model_inputs(self, model: nn.Module, images: Tensor, mask: Tensor,
+                     targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """Keyword arguments this method adds to the student's forward this step (keys in
+        :attr:`model_input_keys`). Default: none."""
+        return {}
+
+    def after_forward(self, model: nn.Module, outputs: dict[str, Any], images: Tensor, mask: Tensor,
+                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """What this method adds to the student's outputs (teacher predictions, a feature loss)
+        before the criterion sees them. Default: nothing."""
+        return outputs
+
     def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
                       targets: list[dict[str, Tensor]]) -> dict[str, Any]:
-        """One training forward; the outputs dict goes to the criterion (model contract keys).
-
-        Detectors that compute their losses inside the forward (torchvision's) declare
-        ``takes_targets = True`` and get the targets too.
-        """
-        if getattr(model, "takes_targets", False):
-            return model(images, mask, targets)
-        return model(images, mask)
+        """One training forward; the outputs dict goes to the criterion (model contract keys):
+        :meth:`model_inputs`, the student's forward, :meth:`after_forward`."""
+        kwargs = self.model_inputs(model, images, mask, targets)
+        outputs = student_forward(model, images, mask, targets, kwargs)
+        return self.after_forward(model, outputs, images, mask, targets)
 
     def provenance(self) -> dict[str, Any]:
         """Extra facts recorded in the run's provenance (e.g. a teacher checkpoint's sha256)."""
         return {}
 
     # ---------------------------------------------------------------- helpers
+    def frozen_teacher(self, ckpt: Any, device: torch.device) -> nn.Module:
+        """The frozen teacher of checkpoint ``ckpt`` (a ``TeacherCheckpoint``) on ``device``, held as
+        ``teacher``. Methods composed on one student share :attr:`teacher_pool`, so a teacher run
+        named by several of them is built and held in memory once."""
+        from replic.distill.teacher import build_teacher
+
+        key = str(Path(ckpt.path).resolve())
+        if key not in self.teacher_pool:
+            self.teacher_pool[key] = build_teacher(ckpt, device)
+        return self.hold_frozen("teacher", self.teacher_pool[key])
+
+    @property
+    def teacher_pool(self) -> dict[str, nn.Module]:
+        """Frozen teachers by checkpoint path (shared when the composer sets one pool for all)."""
+        if "_teacher_pool" not in self.__dict__:
+            self.__dict__["_teacher_pool"] = {}
+        return self.__dict__["_teacher_pool"]
+
+    @teacher_pool.setter
+    def teacher_pool(self, pool: dict[str, nn.Module]) -> None:
+        self.__dict__["_teacher_pool"] = pool
+
     def hold_frozen(self, name: str, module: nn.Module) -> nn.Module:
         """Keep ``module`` frozen and outside the module tree (no optimizer, no DDP, no checkpoint).
 
@@ -120,6 +166,15 @@ class TrainingMethod(nn.Module):
         for module in self._frozen.values():
             module.eval()
         return self
+
+
+def student_forward(model: nn.Module, images: Tensor, mask: Tensor, targets: list[dict[str, Tensor]],
+                    kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The student's forward with the methods' keyword arguments. Detectors that compute their
+    losses inside the forward (torchvision's) declare ``takes_targets = True`` and get the targets too."""
+    if getattr(model, "takes_targets", False):
+        return model(images, mask, targets, **kwargs)
+    return model(images, mask, **kwargs)
 
 
 class MethodStep(nn.Module):

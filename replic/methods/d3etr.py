@@ -117,6 +117,7 @@ class D3ETR(TrainingMethod):
 
     name = "d3etr"
     Options = D3ETROptions
+    model_input_keys = frozenset({"return_attention", "extra_queries"})
 
     def __init__(self, cfg: Any, options: D3ETROptions) -> None:
         super().__init__(cfg, options)
@@ -190,7 +191,7 @@ class D3ETR(TrainingMethod):
         """Load the frozen teacher onto ``device``; register the distillation terms."""
         if self._teacher_ckpt is None:
             self.check_inputs()
-        teacher = self.hold_frozen("teacher", build_teacher(self._teacher_ckpt, device))
+        self.frozen_teacher(self._teacher_ckpt, device)
         self._teacher_ckpt.state = {}  # weights now live in the module
         self._refs["criterion"] = criterion
         criterion.register_loss(self.loss_terms, self.weights(len(model.transformer.decoder.layers)))
@@ -210,12 +211,14 @@ class D3ETR(TrainingMethod):
         return facts
 
     # ------------------------------------------------------------------ forward
-    def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
-                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:
-        """Teacher (no grad) and student on the same batch; the student also decodes the teacher's queries."""
+    def model_inputs(self, model: nn.Module, images: Tensor, mask: Tensor,
+                     targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """The teacher (no grad) on the batch; the student is asked for its attention maps and to
+        decode the teacher's queries as an extra group."""
         teacher = self.frozen("teacher")
         with torch.no_grad():
             t_out = teacher(images, mask, return_attention=self.uses_attention)
+        self._refs["teacher_outputs"] = t_out
         extra = None
         if self.uses_fixed:
             group: dict[str, Tensor] = {"query_pos": teacher.query_embed.weight.detach()}
@@ -224,10 +227,15 @@ class D3ETR(TrainingMethod):
                     raise ValueError("method.fixed_reference_points: teacher, but the teacher has no reference points")
                 group["reference_points"] = t_out["reference_points"]
             extra = [group]
-        out = model(images, mask, return_attention=self.uses_attention, extra_queries=extra)
-        out["distill_teacher"] = {k: t_out[k] for k in ("pred_logits", "pred_boxes", "aux_outputs", "attention",
-                                                        "memory_mask") if k in t_out}
-        return out
+        return {"return_attention": self.uses_attention, "extra_queries": extra}
+
+    def after_forward(self, model: nn.Module, outputs: dict[str, Any], images: Tensor, mask: Tensor,
+                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """The teacher's predictions and maps beside the student's, for the distillation terms."""
+        t_out = self._refs.pop("teacher_outputs")
+        outputs["distill_teacher"] = {k: t_out[k] for k in ("pred_logits", "pred_boxes", "aux_outputs", "attention",
+                                                            "memory_mask") if k in t_out}
+        return outputs
 
     # ------------------------------------------------------------------ losses
     def _layer_keys(self, num_layers: int) -> list[tuple[int, str]]:

@@ -355,6 +355,7 @@ class KSDetr(TrainingMethod):
 
     name: ClassVar[str] = "ks_detr"
     Options: ClassVar[type] = KSOptions
+    model_input_keys = frozenset({"encoder_inputs"})
 
     def __init__(self, cfg: Any, options: KSOptions) -> None:
         super().__init__(cfg, options)
@@ -414,9 +415,9 @@ class KSDetr(TrainingMethod):
         o = self.options
         return {"ks_fg_mask": gt_foreground_mask(targets, tuple(images.shape[-2:]), o.pad_fg_pixel, o.mask_criterion)}
 
-    def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
-                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:
-        return model(images, mask, encoder_inputs=self.encoder_inputs(images, targets))
+    def model_inputs(self, model: nn.Module, images: Tensor, mask: Tensor,
+                     targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        return {"encoder_inputs": self.encoder_inputs(images, targets)}
 
     def provenance(self) -> dict[str, Any]:
         return {"variant": self.options.variant, "masking_loc": self.options.location,

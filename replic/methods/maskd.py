@@ -98,9 +98,9 @@ def tap_features(detector: nn.Module, images: Tensor, mask: Tensor, position: Po
 
 def probe_channels(detector: nn.Module, position: Position) -> list[int]:
     """Channel count of each tapped level (one forward of a small zero image)."""
-    device = next(detector.parameters()).device
+    param = next(detector.parameters())
     with torch.no_grad():
-        out = tap_module(detector, position)(torch.zeros(1, 3, 64, 64, device=device))
+        out = tap_module(detector, position)(torch.zeros(1, 3, 64, 64, device=param.device, dtype=param.dtype))
     return [int(v.shape[1]) for v in out.values()]
 
 
@@ -214,6 +214,8 @@ class MaskdTokens(TrainingMethod):
 
     name = "maskd_tokens"
     Options = MaskdTokensOptions
+    uses_cached_features = False
+    composable = False  # stage 1: learns tokens on a frozen teacher, trains no student
 
     def __init__(self, cfg: Any, options: MaskdTokensOptions) -> None:
         super().__init__(cfg, options)
@@ -330,6 +332,8 @@ class MasKD(TrainingMethod):
 
     name = "maskd"
     Options = MasKDOptions
+    # Its teacher reads the images through its own backbone, so the step needs them.
+    uses_cached_features = False
 
     def __init__(self, cfg: Any, options: MasKDOptions) -> None:
         super().__init__(cfg, options)
@@ -391,7 +395,7 @@ class MasKD(TrainingMethod):
         o = self.options
         if self._teacher_ckpt is None:
             self.check_inputs()
-        teacher = self.hold_frozen("teacher", build_teacher(self._teacher_ckpt, device))
+        teacher = self.frozen_teacher(self._teacher_ckpt, device)
         t_channels = probe_channels(teacher, o.position)
         s_channels = probe_channels(model, o.position)
         if len(t_channels) != len(s_channels):
@@ -408,11 +412,14 @@ class MasKD(TrainingMethod):
                 lambda module, inputs, output: self._student_taps.append(output))
         criterion.register_loss(self._loss_term, {"loss_maskd": o.loss_weight})
 
-    def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
+    def model_inputs(self, model: nn.Module, images: Tensor, mask: Tensor,
+                     targets: list[dict[str, Tensor]]) -> dict[str, Any]:
+        self._student_taps.clear()  # the forward hook fills it during the student's forward
+        return {}
+
+    def after_forward(self, model: nn.Module, out: dict[str, Any], images: Tensor, mask: Tensor,
                       targets: list[dict[str, Tensor]]) -> dict[str, Any]:
-        """Student forward (its task losses) + the teacher's tapped maps under no_grad + the MasKD loss."""
-        self._student_taps.clear()
-        out = super().forward_train(model, images, mask, targets)
+        """The student's tapped maps, the teacher's under no_grad, and the MasKD loss."""
         if self.options.position == "fpn":
             student = list(out["features"].values())
         else:

@@ -90,26 +90,18 @@ class Detector(nn.Module):
         memory, memory_mask, memory_pos = self.transformer.encode(self.input_proj(c5), c5_mask, pos, encoder_inputs)
         batch = images.shape[0]
         streams = memory.shape[0] // batch
-        decode_mask, decode_pos = memory_mask, memory_pos
+        main = self._main_group(memory.shape[0])
+        extra = [self._extra_group(g, batch, i) for i, g in enumerate(extra_queries or [])]
         if streams > 1:
-            if extra_queries:
-                raise ValueError("extra_queries cannot be combined with encoder layers that add memory streams")
-            # Every stream is decoded as more images of the same batch: one decoder pass.
-            decode_mask, decode_pos = memory_mask.repeat(streams, 1), memory_pos.repeat(streams, 1, 1)
-
-        groups = [self._main_group(memory.shape[0])]
-        groups += [self._extra_group(g, batch, i) for i, g in enumerate(extra_queries or [])]
-        sizes = [g["query_pos"].shape[1] for g in groups]
-        query_pos = torch.cat([g["query_pos"] for g in groups], dim=1)
-        tgt = torch.cat([g["content"] for g in groups], dim=1)
-        refs = [g["reference_points"] for g in groups]
-        reference_points = None if refs[0] is None else torch.cat(refs, dim=1)
-        self_attn_mask = _group_mask(sizes, images.device) if len(groups) > 1 else None
-
-        decoded = self.transformer.decoder(tgt, memory, decode_pos, query_pos, decode_mask,
-                                           reference_points=reference_points, self_attn_mask=self_attn_mask,
-                                           return_attention=return_attention)
-        per_group = _split_groups(decoded, sizes, return_attention)
+            # Every stream is decoded as more images of the same batch: one decoder pass. Extra
+            # query groups read the plain memory only, in a pass of their own (groups never attend
+            # to each other, so this is the joint decode's function).
+            per_group = self._decode([main], memory, memory_pos.repeat(streams, 1, 1),
+                                     memory_mask.repeat(streams, 1), return_attention)
+            if extra:
+                per_group += self._decode(extra, memory[:batch], memory_pos, memory_mask, return_attention)
+        else:
+            per_group = self._decode([main, *extra], memory, memory_pos, memory_mask, return_attention)
         per_stream = _split_streams(per_group[0], batch, streams)
         out = self._head_outputs(per_stream[0])
         if streams > 1:
@@ -126,6 +118,20 @@ class Detector(nn.Module):
         return out
 
     # ------------------------------------------------------------------ helpers
+    def _decode(self, groups: list[dict[str, Any]], memory: Tensor, pos: Tensor, mask: Tensor,
+                return_attention: bool) -> list[dict[str, Any]]:
+        """One decoder pass over query groups (self-attention kept within each group) → per group."""
+        sizes = [g["query_pos"].shape[1] for g in groups]
+        query_pos = torch.cat([g["query_pos"] for g in groups], dim=1)
+        tgt = torch.cat([g["content"] for g in groups], dim=1)
+        refs = [g["reference_points"] for g in groups]
+        reference_points = None if refs[0] is None else torch.cat(refs, dim=1)
+        self_attn_mask = _group_mask(sizes, memory.device) if len(groups) > 1 else None
+        decoded = self.transformer.decoder(tgt, memory, pos, query_pos, mask,
+                                           reference_points=reference_points, self_attn_mask=self_attn_mask,
+                                           return_attention=return_attention)
+        return _split_groups(decoded, sizes, return_attention)
+
     def _main_group(self, batch: int) -> dict[str, Tensor | None]:
         query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
         return {"query_pos": query_pos, "content": torch.zeros_like(query_pos),

@@ -216,21 +216,25 @@ def recipe_values(cfg: Any, gpus: int | None = None,
     v.update(_cnn_model_values(cfg.model) if cnn else _detr_model_values(cfg.model))
     v.update(_data_values(cfg.data, cnn))
     v["eval.batch_size"] = cfg.eval.batch_size
-    name = cfg.method.get("name", "none") if isinstance(cfg.method, dict) else "none"
+    sections = cfg.method if isinstance(cfg.method, list) else [cfg.method]
+    names = [section.get("name", "none") for section in sections]
+    name = "+".join(names)
     v["method.name"] = name
-    if name != "none":
-        _, options = parse_method_options(cfg.method)
+    for section in sections if name != "none" else []:
+        _, options = parse_method_options(section)
+        # A composed method's keys carry the method's name: method.<name>.<key>.
+        prefix = f"method.{section['name']}." if len(sections) > 1 else "method."
         for f in dataclasses.fields(options):
             value = getattr(options, f.name)
-            v[f"method.{f.name}"] = _spec_text(value) if dataclasses.is_dataclass(value) else value
+            v[f"{prefix}{f.name}"] = _spec_text(value) if dataclasses.is_dataclass(value) else value
             if f.name == "teacher" and teachers and value.experiment in teachers:
-                v["method.teacher.backbone"] = teachers[value.experiment].model.backbone
-        if name == "ks_detr":
-            v["method.masking_loc"] = options.location  # null = the variant's official pairing
-        if name == "maskd":
+                v[f"{prefix}teacher.backbone"] = teachers[value.experiment].model.backbone
+        if section["name"] == "ks_detr":
+            v[f"{prefix}masking_loc"] = options.location  # null = the variant's official pairing
+        if section["name"] == "maskd":
             # Official KD configs' extras replic does not have (docs/maskd.md, "Not reproduced").
-            v["method.head_kd"] = "none"
-            v["method.init_from_teacher"] = "none"
+            v[f"{prefix}head_kd"] = "none"
+            v[f"{prefix}init_from_teacher"] = "none"
     return v
 
 

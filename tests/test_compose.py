@@ -42,7 +42,7 @@ def _sections(teacher: Path) -> dict[str, dict]:
         "ks_detr": {"name": "ks_detr"},
         "d3etr": {"name": "d3etr", "teacher": {"checkpoint": str(teacher)}},
         "maskd": {"name": "maskd", "teacher": {"checkpoint": str(teacher)}, "tokens": {"random": True},
-                  "num_tokens": 2, "position": "backbone", "custom_mask_warmup": 0},
+                  "num_tokens": 2, "position": "memory", "custom_mask_warmup": 0},
     }
 
 
@@ -219,3 +219,41 @@ def test_a_refused_combination_exits_2_before_training(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "'ks_detr' is listed twice" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_memory_tap_reads_and_masks_a_detrs_encoder_output(tmp_path):
+    """MasKD on a DETR at ``position: memory``: stage 1's hook replaces the teacher's encoder
+    memory by its masked version (the decoder reads it), and stage 2 reads the memory as a
+    D-channel map, the same values the encoder returned."""
+    from replic.methods.maskd import memory_map, probe_channels, tap_features
+
+    teacher = tmp_path / "teacher.pt"
+    _teacher(teacher)
+    cfg = from_dict(ExperimentConfig, {"model": MODEL, "method": {
+        "name": "maskd_tokens", "teacher": {"checkpoint": str(teacher)}, "num_tokens": 3, "position": "memory"}})
+    tokens = build_method(cfg)
+    tokens.check_inputs()
+    model = tokens.build_model()
+    assert probe_channels(model, "memory") == [MODEL["hidden_dim"]]
+    images, mask, targets = _batch()
+    images = images.float()
+    with torch.no_grad():
+        plain = model(images, mask)
+    tokens.setup(model, build_criterion(cfg.model), torch.device("cpu"))
+    out = tokens.forward_train(model, images, mask, targets)
+    h, w = plain["feature_size"]
+    assert memory_map(plain).shape == (2, MODEL["hidden_dim"], h, w)
+    assert torch.equal(memory_map(plain).flatten(2).transpose(1, 2), plain["memory"])
+    # The masked memory (Σ_t p_t (x ⊙ M_t), masks in (0, 1)) is smaller than the plain one everywhere.
+    assert out["memory"].shape == plain["memory"].shape
+    assert bool((out["memory"].abs() <= plain["memory"].abs() + 1e-6).all())
+    assert not torch.allclose(out["memory"], plain["memory"])
+    assert float(out["maskd_dice"]) > 0
+    # Stage 2 reads the teacher's memory through the same map.
+    with torch.no_grad():
+        (tapped,) = tap_features(build_model(cfg.model).eval(), images, mask, "memory")
+    assert tapped.shape == (2, MODEL["hidden_dim"], h, w)
+    with pytest.raises(ConfigError, match="'memory' is a DETR's encoder output"):
+        from_dict(ExperimentConfig, {"model": {"family": "cnn", "arch": "retinanet", "backbone": "resnet18"},
+                                     "method": {"name": "maskd_tokens", "position": "memory",
+                                                "teacher": {"checkpoint": "t.pt"}}}).validate()

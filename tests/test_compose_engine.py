@@ -38,7 +38,7 @@ def _methods(teacher: Path) -> str:
     return ("method=[{name: ks_detr}, "
             f"{{name: d3etr, teacher: {{checkpoint: '{teacher}'}}}}, "
             f"{{name: maskd, teacher: {{checkpoint: '{teacher}'}}, tokens: {{random: true}}, num_tokens: 2, "
-            "position: backbone, custom_mask_warmup: 5}]")
+            "position: memory, custom_mask_warmup: 5}]")
 
 
 @pytest.fixture(scope="module")

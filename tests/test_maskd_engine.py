@@ -157,5 +157,5 @@ def test_detr_tap_is_the_c5_map_its_transformer_reads(runs):
         torch.testing.assert_close(c5, detr(images, mask)["features"]["C5"], rtol=0, atol=0)
     from replic.config import ConfigError
 
-    with pytest.raises(ConfigError, match="a DETR has only the 'backbone' tap"):
+    with pytest.raises(ConfigError, match="a DETR the 'backbone' and 'memory' taps"):
         tap_features(detr, images, mask, "fpn")

@@ -29,7 +29,9 @@ The tokens come from a stage-1 run of the DAG (``tokens: {experiment: …}``), a
 (``tokens: {checkpoint: …}``: a replic token run or a released official ``.ckpt`` whose keys
 contain ``mask_modules``), or are random (``tokens: {random: true}``, the "no mask learning"
 ablation). Feature taps: ``position: fpn`` (the FPN outputs, the paper) or ``backbone`` (the
-ResNet stages feeding the FPN, an ablation). Only the CNN family has these taps.
+ResNet stages feeding the FPN, an ablation) of a CNN detector; on a DETR (beyond the paper)
+``backbone`` (its ResNet C5) or ``memory`` (the encoder's output, (B, HW, D) read as a D-channel
+map): at mini scale teacher and student share one frozen backbone, so only the memory differs.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ __all__ = [
     "probe_channels", "tap_features", "tap_module", "token_state",
 ]
 
-Position = Literal["fpn", "backbone"]
+Position = Literal["fpn", "backbone", "memory"]
 
 
 # --------------------------------------------------------------------------- the token bank
@@ -75,12 +77,21 @@ def tap_module(detector: nn.Module, position: Position) -> nn.Module:
     (``fpn``) or the ResNet body feeding it (``backbone``); a DETR's ResNet body (``backbone`` only: the
     C5 map that feeds its transformer — beyond the paper)."""
     neck = getattr(detector, "neck", None)
-    if neck is not None:
+    if neck is not None and position != "memory":
         return neck if position == "fpn" else neck.body
-    if position == "backbone" and hasattr(detector, "backbone"):
+    if neck is None and position == "backbone" and hasattr(detector, "backbone"):
         return detector.backbone[0].body
-    raise ConfigError(f"method.position: {position!r} needs a CNN detector (model.family: cnn) with an FPN; "
-                      "a DETR has only the 'backbone' tap")
+    if neck is None and position == "memory" and hasattr(detector, "transformer"):
+        return detector.transformer.encoder
+    raise ConfigError(f"method.position: {position!r}: a CNN detector (model.family: cnn) has the 'fpn' and "
+                      "'backbone' taps, a DETR the 'backbone' and 'memory' taps")
+
+
+def memory_map(outputs: dict[str, Any]) -> Tensor:
+    """A DETR's encoder memory (B, HW, D) as a D-channel map (B, D, H, W) (``feature_size`` = (H, W))."""
+    memory = outputs["memory"]
+    h, w = outputs["feature_size"]
+    return memory.transpose(1, 2).reshape(memory.shape[0], memory.shape[2], h, w)
 
 
 def tap_features(detector: nn.Module, images: Tensor, mask: Tensor, position: Position) -> list[Tensor]:
@@ -88,6 +99,8 @@ def tap_features(detector: nn.Module, images: Tensor, mask: Tensor, position: Po
     forward builds), without running its heads."""
     from replic.models.cnn.detector import image_sizes_from_mask
 
+    if position == "memory":  # a DETR's encoder output: its forward up to the memory (and on)
+        return [memory_map(detector(images, mask))]
     if getattr(detector, "neck", None) is None:  # DETR: the padded batch goes to the ResNet as is
         return list(tap_module(detector, position)(images).values())
     sizes = image_sizes_from_mask(mask)
@@ -99,6 +112,8 @@ def tap_features(detector: nn.Module, images: Tensor, mask: Tensor, position: Po
 def probe_channels(detector: nn.Module, position: Position) -> list[int]:
     """Channel count of each tapped level (one forward of a small zero image)."""
     param = next(detector.parameters())
+    if position == "memory":
+        return [int(detector.query_embed.embedding_dim)]  # the transformer width D
     with torch.no_grad():
         out = tap_module(detector, position)(torch.zeros(1, 3, 64, 64, device=param.device, dtype=param.dtype))
     return [int(v.shape[1]) for v in out.values()]
@@ -204,9 +219,14 @@ class MaskdTokensOptions:
 
 
 def _check_cnn(cfg: Any, position: str = "fpn") -> None:
-    if getattr(cfg.model, "family", "detr") != "cnn" and position != "backbone":
+    cnn = getattr(cfg.model, "family", "detr") == "cnn"
+    if not cnn and position == "fpn":
         raise ConfigError("model.family: MasKD taps FPN features of a CNN detector (family: cnn); with a DETR "
-                          "set method.position: backbone (its ResNet C5, beyond the paper)")
+                          "set method.position: backbone (its ResNet C5) or memory (its encoder output), "
+                          "beyond the paper")
+    if cnn and position == "memory":
+        raise ConfigError("method.position: 'memory' is a DETR's encoder output; a CNN detector has 'fpn' and "
+                          "'backbone'")
 
 
 class MaskdTokens(TrainingMethod):
@@ -258,9 +278,24 @@ class MaskdTokens(TrainingMethod):
         o = self.options
         generator = torch.Generator().manual_seed(self.cfg.seed)
         self.tokens = TokenBank(probe_channels(model, o.position), o.num_tokens, o.weighting, generator).to(device)
-        tap_module(model, o.position).register_forward_hook(self._mask_hook)
+        if o.position == "memory":
+            # The encoder returns (B, HW, D); its map size is the input projection's output size.
+            model.input_proj.register_forward_hook(self._record_size)
+            tap_module(model, o.position).register_forward_hook(self._mask_memory_hook)
+        else:
+            tap_module(model, o.position).register_forward_hook(self._mask_hook)
         if o.dice:
             criterion.register_loss(self._dice_term, {"loss_maskd_dice": o.dice_weight})
+
+    def _record_size(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        self._memory_size = tuple(output.shape[-2:])
+
+    def _mask_memory_hook(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        """The teacher's encoder memory (B, HW, D), masked as a D-channel map and flattened back."""
+        h, w = self._memory_size
+        b, _, d = output.shape
+        masked = self._mask_hook(module, inputs, {"memory": output.transpose(1, 2).reshape(b, d, h, w)})["memory"]
+        return masked.flatten(2).transpose(1, 2)
 
     def _mask_hook(self, module: nn.Module, inputs: Any, output: dict[str, Tensor]) -> dict[str, Tensor]:
         masked = {}
@@ -420,7 +455,9 @@ class MasKD(TrainingMethod):
     def after_forward(self, model: nn.Module, out: dict[str, Any], images: Tensor, mask: Tensor,
                       targets: list[dict[str, Tensor]]) -> dict[str, Any]:
         """The student's tapped maps, the teacher's under no_grad, and the MasKD loss."""
-        if self.options.position == "fpn":
+        if self.options.position == "memory":
+            student = [memory_map(out)]
+        elif self.options.position == "fpn":
             student = list(out["features"].values())
         else:
             (taps,) = self._student_taps

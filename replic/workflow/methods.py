@@ -61,14 +61,12 @@ def experiments_of_family(experiments: list[str], experiments_dir: str | Path, f
 def token_runs(experiments: list[str], experiments_dir: str | Path) -> list[str]:
     """The MasKD token runs (``method.tokens.experiment``) the experiments among ``experiments`` name,
     sorted, each once (missing files skipped)."""
-    from replic.workflow.registry import experiment_teacher
+    from replic.workflow.registry import experiment_teachers
 
     folder = Path(experiments_dir)
     found = set()
     for name in experiments:
         path = folder / f"{name}.yaml"
         if path.is_file():
-            tokens = experiment_teacher(path, key="tokens")
-            if tokens is not None and tokens[0] == "experiment":
-                found.add(tokens[1])
+            found |= {value for kind, value in experiment_teachers(path, key="tokens") if kind == "experiment"}
     return sorted(found)

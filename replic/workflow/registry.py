@@ -261,6 +261,32 @@ def seed_replicates(experiment: str, seeds: int) -> list[str]:
     return [experiment] + [f"{experiment}_seed{n}" for n in range(1, seeds)]
 
 
+def experiment_teachers(config_path: str | Path, key: str = "teacher") -> list[tuple[str, str]]:
+    """Every teacher (or other ``key`` input) the experiment's method(s) name, each once: for a
+    composition (``method: [...]``) one per method that names one; else :func:`experiment_teacher`."""
+    path, seen = Path(config_path).resolve(), set()
+    while path not in seen:  # the nearest file with a method list decides (lists replace, never merge)
+        seen.add(path)
+        data = load_yaml(path)
+        section = data.get("method")
+        if isinstance(section, dict):
+            break
+        if isinstance(section, list):
+            found: list[tuple[str, str]] = []
+            for item in section:
+                spec = item.get(key) if isinstance(item, dict) else None
+                for kind in ("experiment", "checkpoint"):
+                    if isinstance(spec, dict) and spec.get(kind) is not None and (kind, str(spec[kind])) not in found:
+                        found.append((kind, str(spec[kind])))
+            return found
+        parent = data.get("extends", data.get("base"))
+        if not isinstance(parent, str):
+            break
+        path = (path.parent / parent).resolve()
+    single = experiment_teacher(config_path, key)
+    return [single] if single is not None else []
+
+
 def experiment_teacher(config_path: str | Path, key: str = "teacher") -> tuple[str, str] | None:
     """The teacher an experiment's method names: ("experiment", NAME), ("checkpoint", FILE) or None.
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from replic.workflow.registry import SCALES, Registry, experiment_teacher, load_registry
+from replic.workflow.registry import SCALES, Registry, experiment_teachers, load_registry
 
 DEFAULT_REGISTRY = "configs/tables.yaml"
 DEFAULT_EXPERIMENTS = "configs/experiments"
@@ -30,9 +30,9 @@ def run_set(registry: Registry, table: str, experiments_dir: str | Path) -> list
         runs.add(name)
         path = Path(experiments_dir) / f"{name}.yaml"
         for key in ("teacher", "tokens"):
-            needed = experiment_teacher(path, key=key) if path.is_file() else None
-            if needed is not None and needed[0] == "experiment":
-                todo.append(needed[1])
+            for kind, value in experiment_teachers(path, key=key) if path.is_file() else []:
+                if kind == "experiment":
+                    todo.append(value)
     return sorted(runs)
 
 

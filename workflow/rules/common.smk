@@ -6,7 +6,7 @@ from snakemake.exceptions import WorkflowError
 
 from replic.config import ConfigError
 from replic.workflow.methods import experiments_of_family
-from replic.workflow.registry import experiment_teacher, load_registry, seed_replicate
+from replic.workflow.registry import experiment_teachers, load_registry, seed_replicate
 
 SCALE = config["scale"]
 RUNS = config["runs_dir"]
@@ -82,25 +82,15 @@ def teacher_checkpoint(wildcards):
     """A distillation student's teacher (method.teacher of its config): the final checkpoint of the
     teacher's run at the same scale (so the teacher trains first, once, shared by every student),
     or the named checkpoint file; nothing for other experiments."""
-    teacher = experiment_teacher(experiment_config(wildcards))
-    if teacher is None:
-        return []
-    kind, value = teacher
-    if kind == "experiment":
-        return [f"{RUNS}/{wildcards.scale}/{value}/checkpoint_final.pt"]
-    return [value]
+    return [f"{RUNS}/{wildcards.scale}/{value}/checkpoint_final.pt" if kind == "experiment" else value
+            for kind, value in experiment_teachers(experiment_config(wildcards))]
 
 
 def tokens_checkpoint(wildcards):
     """A MasKD student's receptive tokens (method.tokens): the final checkpoint of its token run
     (stage 1, trained once per (teacher, T, variant) and shared), the named file, or nothing."""
-    tokens = experiment_teacher(experiment_config(wildcards), key="tokens")
-    if tokens is None:
-        return []
-    kind, value = tokens
-    if kind == "experiment":
-        return [f"{RUNS}/{wildcards.scale}/{value}/checkpoint_final.pt"]
-    return [value]
+    return [f"{RUNS}/{wildcards.scale}/{value}/checkpoint_final.pt" if kind == "experiment" else value
+            for kind, value in experiment_teachers(experiment_config(wildcards), key="tokens")]
 
 
 def run_dir(wildcards):

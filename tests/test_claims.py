@@ -93,12 +93,22 @@ def test_contrasts_of_each_kind() -> None:
     assert [w for _, w in order.contrasts()] == [{"a": 1.0, "b": -1.0}, {"b": 1.0, "c": -1.0}]
     gain = Claim("g", "P", "T1", "x", "gain_difference", ["a1", "b1", "a2", "b2"], ["mini"])
     assert gain.contrasts()[0][1] == {"a1": 1.0, "b1": -1.0, "a2": -1.0, "b2": 1.0}
+    each = Claim("e", "P", "T", "x", "beats_each", ["c", "s1", "s2"], ["mini"])
+    assert [w for _, w in each.contrasts()] == [{"c": 1.0, "s1": -1.0}, {"c": 1.0, "s2": -1.0}]
+    # (c - base) - (s1 - base) - (s2 - base) - (s3 - base) = c + 2 base - s1 - s2 - s3
+    added = Claim("a", "P", "T", "x", "gain_sum", ["c", "base", "s1", "s2", "s3"], ["mini"])
+    ((label, weights),) = added.contrasts()
+    assert weights == {"c": 1.0, "base": 2.0, "s1": -1.0, "s2": -1.0, "s3": -1.0}
+    assert label == "(c - base) > (s1 - base) + (s2 - base) + (s3 - base)"
+    observed = {"c": 35.0, "base": 30.0, "s1": 32.0, "s2": 31.0, "s3": 30.5}  # gains 5 vs 2 + 1 + 0.5
+    assert sum(w * observed[r] for r, w in weights.items()) == pytest.approx(1.5)
 
 
 def test_the_claims_file_loads_and_names_only_experiments() -> None:
     ledger = load_ledger(REPO / "configs" / "claims.yaml", EXPERIMENTS)
     papers = {c.paper for c in ledger.claims}
-    assert papers == {"Conditional DETR", "KS-DETR", "D³ETR", "MasKD"}
+    assert papers == {"Conditional DETR", "KS-DETR", "D³ETR", "MasKD", "beyond the papers"}
+    assert all(c.beyond_papers for c in ledger.claims if c.paper == "beyond the papers")
     mini = ledger.runs("mini")
     assert len(mini) == len(set(mini))
     # The headline pairs have three seeds at mini: the runs <row>, <row>_seed1, <row>_seed2.
@@ -112,6 +122,7 @@ def test_the_claims_file_loads_and_names_only_experiments() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("rows: [cdetr_r50_50ep, no_such_experiment]", "claim c1: no experiment config"),
     ("rows: [cdetr_r50_50ep]", "kind pair takes 2 rows"),
+    ("rows: [cdetr_r50_50ep, detr_r50_50ep, cdetr_r50_12ep]\n    kind: gain_sum", "gain_sum takes"),
     ("rows: [cdetr_r50_50ep, detr_r50_50ep]\n    seeds: {minii: 3}", "unknown scale 'minii'"),
     ("rows: [cdetr_r50_50ep, detr_r50_50ep]\n    colour: red", "colour"),
 ])

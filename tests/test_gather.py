@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -428,3 +429,28 @@ def test_every_registry_table_gets_readable_figures() -> None:
             assert "paper" not in _bars(ap_axes), name
         _assert_everything_inside(fig)
         _assert_everything_inside(build_curves(table, rows, "smoke"))
+
+
+def test_a_combination_row_shows_the_sum_of_its_single_gains(tmp_path: Path) -> None:
+    """The composition table: each method's gain over the student alone, and beside a
+    combination's gain the sum of its single methods' gains (read from real run directories)."""
+    import json as _json
+
+    from replic.workflow.gather import gather_rows, render_csv, render_markdown
+    from replic.workflow.registry import Row
+
+    aps = {"base": 0.300, "a": 0.320, "b": 0.310, "ab": 0.335}
+    for name, ap in aps.items():
+        (tmp_path / "mini" / name / "eval").mkdir(parents=True)
+        (tmp_path / "mini" / name / "eval" / "metrics.json").write_text(_json.dumps({"metrics": {"AP": ap}}))
+    rows = [Row("base", "student", "s", experiment="base"),
+            Row("a", "+ A", "s", experiment="a", gain_over="base"),
+            Row("b", "+ B", "s", experiment="b", gain_over="base"),
+            Row("ab", "+ A + B", "s", experiment="ab", gain_over="base", sum_of=["a", "b"])]
+    table = Table(title="composition", source="s", metrics=["AP"], rows=rows)
+    gathered = gather_rows(table, "mini", tmp_path)
+    assert gathered[3].gain_ours == {"AP": 3.5} and gathered[3].gain_sum == {"AP": 3.0}
+    csv_rows = {r["row_id"]: r for r in csv.DictReader(io.StringIO(render_csv("composition", table, "mini", gathered)))}
+    assert csv_rows["ab"]["sum_of"] == "a + b" and csv_rows["ab"]["AP_gain_sum_of_singles"] == "3"
+    assert csv_rows["a"]["AP_gain_sum_of_singles"] == "" and csv_rows["ab"]["AP_gain_ours"] == "3.5"
+    assert "sum of single gains +3.0" in render_markdown("composition", table, "mini", gathered, "P")

@@ -189,6 +189,25 @@ def test_main_jobs_claim_unpacks_the_shipped_backbone_and_trains_only_its_two_ru
     assert "cdetr_ahead_at_12_epochs" in typo.stdout + typo.stderr
 
 
+def test_composition_dag_trains_each_teacher_once_before_every_student_that_names_it(tmp_path: Path) -> None:
+    """The composition table: 8 evaluated runs; the Conditional DETR-R101 teacher (named by D³ETR and
+    MasKD, alone and composed) and the memory token run train once, before the students."""
+    workdir = copy_workflow(tmp_path / "wf")
+    result = snakemake(workdir, "-n", "-p", "--cores", "2", "results/table_composition.csv", "--config", "scale=mini")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["train"] == 10 and counts["evaluate"] == 8 and counts["table"] == 1, counts
+    trains = re.findall(r"train --config configs/experiments/(\w+)\.yaml", result.stdout)
+    assert trains.count("cdetr_r101_50ep") == 1 and "maskd_tokens_cdetr_r101_50ep_t6_memory" in trains
+    for block in result.stdout.split("rule train:")[1:]:
+        if "output: runs/mini/compose_ks_d3etr_maskd_cdetr_r50_50ep/done.json" in block:
+            assert "runs/mini/cdetr_r101_50ep/checkpoint_final.pt" in block
+            assert "runs/mini/maskd_tokens_cdetr_r101_50ep_t6_memory/checkpoint_final.pt" in block
+            break
+    else:
+        raise AssertionError("no training job for the three-method composition")
+
+
 def test_smoke_dag_of_attention_figures(tmp_path: Path) -> None:
     """The figures target renders every run of the table, and DETR vs Conditional DETR once."""
     workdir = copy_workflow(tmp_path / "wf")

@@ -319,7 +319,26 @@ def resolve_raw(config_path: str | Path, scale: str | None = None,
     if raw["scale"] in per_scale:
         raw = deep_merge(raw, per_scale[raw["scale"]])
     raw.setdefault("name", Path(config_path).stem)
+    if isinstance(raw.get("method"), list):
+        raw["method"] = [_referenced_method(item, i, config_path, raw["scale"]) for i, item in enumerate(raw["method"])]
     return raw
+
+
+def _referenced_method(item: Any, index: int, config_path: str | Path, scale: str) -> Any:
+    """A composed method's item ``{from: EXPERIMENT, <key>: ...}``: that experiment's (single) method
+    section at this scale, its ``scale_overrides`` applied, with the item's other keys on top; so a
+    composition names each method's recipe once, where the method's own experiment defines it."""
+    if not isinstance(item, dict) or "from" not in item:
+        return item
+    path = Path(config_path).parent / f"{item['from']}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{config_path}: method[{index}].from: no experiment config {path}")
+    ref = load_with_extends(path)
+    per_scale = _pop_scale_overrides(ref, path)
+    section = deep_merge(ref, per_scale.get(scale, {})).get("method")
+    if not isinstance(section, dict) or section.get("name", "none") == "none":
+        raise ConfigError(f"{config_path}: method[{index}].from: {item['from']} has no method section to compose")
+    return deep_merge(section, {k: v for k, v in item.items() if k != "from"})
 
 
 def _pop_scale_overrides(raw: dict[str, Any], config_path: str | Path) -> dict[str, dict[str, Any]]:

@@ -5,7 +5,10 @@ the runs' metric) that the paper says is positive:
 
 * ``pair``: ``rows: [A, B]``, A beats B (A - B > 0), optionally with the published size;
 * ``ordering``: ``rows: [best, ..., worst]``, every adjacent pair a ``pair``;
-* ``gain_difference``: ``rows: [A1, B1, A2, B2]``, the gain A1 - B1 exceeds A2 - B2.
+* ``gain_difference``: ``rows: [A1, B1, A2, B2]``, the gain A1 - B1 exceeds A2 - B2;
+* ``beats_each``: ``rows: [A, B1, B2, ...]``, A beats every B (a combination vs each single method);
+* ``gain_sum``: ``rows: [C, base, S1, S2, ...]``, the gain C - base exceeds the sum of the gains
+  S_i - base (the gains add, or more).
 
 The verdict rule, fixed before any number was seen (docs/claims.md states it for readers):
 
@@ -18,7 +21,8 @@ The verdict rule, fixed before any number was seen (docs/claims.md states it for
    ledger says the seed noise was assumed).
 4. The 95 % interval is effect +- 1.96 SE. **holds**: the interval lies above 0;
    **contradicted**: below 0; **not resolved**: it contains 0. An ordering holds when every
-   adjacent pair holds, is contradicted when any pair is, and is otherwise not resolved.
+   adjacent pair holds, is contradicted when any pair is, and is otherwise not resolved (the
+   same for the several contrasts of ``beats_each``).
 5. At smoke scale no verdict is given (models there do not learn): the ledger is a pipeline check.
 """
 
@@ -57,7 +61,7 @@ class Claim:
     paper: str
     where: str
     text: str
-    kind: Literal["pair", "ordering", "gain_difference"]
+    kind: Literal["pair", "ordering", "gain_difference", "beats_each", "gain_sum"]
     rows: list[str]
     scales: list[str]
     metric: str = "AP"
@@ -75,6 +79,10 @@ class Claim:
             raise ConfigError(f"claim {self.id}: kind {self.kind} takes {needed} rows, got {len(self.rows)}")
         if self.kind == "ordering" and len(self.rows) < 2:
             raise ConfigError(f"claim {self.id}: an ordering takes at least 2 rows")
+        if self.kind == "beats_each" and len(self.rows) < 2:
+            raise ConfigError(f"claim {self.id}: beats_each takes a row and at least one it beats")
+        if self.kind == "gain_sum" and len(self.rows) < 4:
+            raise ConfigError(f"claim {self.id}: gain_sum takes [combination, base, single, single, ...]")
         if len(set(self.rows)) != len(self.rows):
             raise ConfigError(f"claim {self.id}: a row is named twice: {self.rows}")
         for scale in [*self.scales, *self.seeds]:
@@ -90,6 +98,13 @@ class Claim:
         if self.kind == "gain_difference":
             a1, b1, a2, b2 = self.rows
             return [(f"({a1} - {b1}) > ({a2} - {b2})", {a1: 1.0, b1: -1.0, a2: -1.0, b2: 1.0})]
+        if self.kind == "beats_each":
+            return [(f"{self.rows[0]} > {b}", {self.rows[0]: 1.0, b: -1.0}) for b in self.rows[1:]]
+        if self.kind == "gain_sum":
+            # (C − base) − Σ_i (S_i − base) = C + (n − 1)·base − Σ_i S_i
+            combo, base, singles = self.rows[0], self.rows[1], self.rows[2:]
+            label = f"({combo} - {base}) > " + " + ".join(f"({s} - {base})" for s in singles)
+            return [(label, {combo: 1.0, base: float(len(singles) - 1), **{s: -1.0 for s in singles}})]
         return [(f"{a} > {b}", {a: 1.0, b: -1.0}) for a, b in zip(self.rows, self.rows[1:])]
 
 

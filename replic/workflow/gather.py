@@ -169,6 +169,7 @@ class GatheredRow:
     run: RunResult | None
     ours: dict[str, float]  # AP points (×100), NaN when not available
     gain_ours: dict[str, float] = field(default_factory=dict)  # ours − ours of row.gain_over
+    gain_sum: dict[str, float] = field(default_factory=dict)  # Σ gain_ours of the rows in row.sum_of
 
 
 def gather_rows(table: Table, scale: str, runs_dir: str | Path) -> list[GatheredRow]:
@@ -192,6 +193,9 @@ def gather_rows(table: Table, scale: str, runs_dir: str | Path) -> list[Gathered
         if g.row.gain_over is not None:  # a published gain: ours is this row minus its base row
             base = by_id[g.row.gain_over].ours
             g.gain_ours = {m: round(g.ours[m] - base[m], 2) for m in table.gain_metrics()}
+    for g in rows:
+        if g.row.sum_of:
+            g.gain_sum = {m: round(sum(by_id[r].gain_ours[m] for r in g.row.sum_of), 2) for m in table.gain_metrics()}
     return rows
 
 
@@ -220,6 +224,10 @@ def csv_columns(table: Table) -> list[str]:
         cols.append("gain_over")
         for metric in table.gain_metrics():
             cols += [f"{metric}_gain_paper", f"{metric}_gain_ours", f"{metric}_gain_diff"]
+        if any(row.sum_of for row in table.rows):
+            # A combination's gain beside the sum of its single methods' gains (same base row).
+            cols.append("sum_of")
+            cols += [f"{metric}_gain_sum_of_singles" for metric in table.gain_metrics()]
     # Near-zero box_std (vs gt_box_std) = one fixed box per query: the run learned only the
     # dataset's box prior (what smoke-scale runs do; configs/scales/smoke.yaml). top_box_std
     # (each image's top-scoring box) separates a detector from the prior even for reference-point
@@ -260,6 +268,10 @@ def render_csv(name: str, table: Table, scale: str, rows: list[GatheredRow]) -> 
                 record[f"{metric}_gain_paper"] = _cell(g.row.paper_gain.get(metric))
                 record[f"{metric}_gain_ours"] = _cell(gain)
                 record[f"{metric}_gain_diff"] = _cell(_diff(gain, g.row.paper_gain.get(metric)))
+            if any(row.sum_of for row in table.rows):
+                record["sum_of"] = " + ".join(g.row.sum_of)
+                for metric in table.gain_metrics():
+                    record[f"{metric}_gain_sum_of_singles"] = _cell(g.gain_sum.get(metric, NAN)) if g.row.sum_of else ""
         run = g.run
         ok = run is not None and g.status == STATUS_OK
         record["box_std"] = _cell(run.box_std) if ok else ""
@@ -328,7 +340,9 @@ def render_markdown(name: str, table: Table, scale: str, rows: list[GatheredRow]
             paper_text = "n/p" if paper_gain is None else f"{paper_gain:+.1f}"
             ours_text = "—" if math.isnan(ours_gain) else (
                 f"{ours_gain:+.1f} ({_md_number(_diff(ours_gain, paper_gain), signed=True)})")
-            cells.append(f"{g.row.gain_over}: {paper_text} / {ours_text}")
+            summed = g.gain_sum.get(metric)
+            singles = "" if summed is None or math.isnan(summed) else f"; sum of single gains {summed:+.1f}"
+            cells.append(f"{g.row.gain_over}: {paper_text} / {ours_text}{singles}")
         lines.append("| " + " | ".join(cells) + " |")
     counts = {s: sum(g.status == s for g in rows) for s in (STATUS_OK, STATUS_MISSING, STATUS_CITED)}
     lines += ["", f"Rows: {counts[STATUS_OK]} ok, {counts[STATUS_MISSING]} missing, {counts[STATUS_CITED]} cited.", ""]

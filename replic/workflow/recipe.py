@@ -617,6 +617,12 @@ _register(Codebase(
     base="conditional_detr",
 ))
 
+_register(Codebase(
+    "composition", "Methods composed on one student (beyond the papers)", "none: no paper composes them", None,
+    {"method.name": _s("", "beyond the papers", "each method's own recipe, from its experiment (`from:`)")},
+    base="conditional_detr",
+))
+
 _KS_CDETR = "projects/ks_detr/configs/ks_conditional_detr"
 #: The authors' files that define one experiment's run, relative to the code base's checkout. An
 #: experiment not listed has no single authors' file (an ablation, a longer schedule of the paper).
@@ -666,9 +672,15 @@ PAPERS: dict[str, str] = {
     "ks_detr": "KS-DETR (Zhao & Ukita, arXiv 2302.11208)",
     "d3etr": "D³ETR (Chen et al., IJCAI 2024, arXiv 2211.09768)",
     "maskd": "MasKD (Huang et al., ICLR 2023, arXiv 2205.14589)",
+    "composition": "Beyond the papers: KS-DETR, D³ETR and MasKD on one student (docs/composition.md)",
 }
 
 FAMILIES: tuple[Family, ...] = (
+    # First: its KS-DETR row would otherwise match the KS family's globs (first family wins).
+    Family("composition", "Composed methods and KS-DETR on the official recipe",
+           ("compose_*", "ks_cdetr_r50_50ep_official"), "composition",
+           "Every row trains the official Conditional DETR-R50 recipe; a composition takes each method's "
+           "section from that method's own experiment."),
     Family("conditional_detr", "Conditional DETR: the official recipe", ("cdetr_*",), "conditional_detr",
            "The 75 / 108-epoch schedules (lr drop at 60 / 80) are the paper's (§4.1); the official scripts "
            "train 50 epochs. The 12-epoch run is D³ETR's short-schedule baseline. Table 3, Figure 5 and §4.3 "

@@ -45,6 +45,9 @@ class Row:
     # shows the paper's gain beside ours (this row's result minus that row's).
     gain_over: str | None = None
     paper_gain: dict[str, float | None] = field(default_factory=dict)
+    # A combination of methods (the composition table): the rows of its single methods, whose
+    # gains (each over the same base) are summed beside this row's gain — do the gains add?
+    sum_of: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -206,6 +209,11 @@ def _validate_table(name: str, table: Table) -> None:
                 )
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise ConfigError(f"{here}.paper.{metric}: expected a number or null, got {value!r}")
+        for single in row.sum_of:
+            target = next((r for r in table.rows if r.id == single), None)
+            if target is None or target.gain_over != row.gain_over or row.gain_over is None:
+                raise ConfigError(f"{here}.sum_of: {single!r} must be a row of this table with the same gain_over "
+                                  f"as this row ({row.gain_over!r})")
         if row.paper_gain and row.gain_over is None:
             raise ConfigError(f"{here}.paper_gain: a gain needs 'gain_over', the row it is relative to")
         for metric, value in row.paper_gain.items():
@@ -274,6 +282,10 @@ def experiment_teachers(config_path: str | Path, key: str = "teacher") -> list[t
         if isinstance(section, list):
             found: list[tuple[str, str]] = []
             for item in section:
+                if isinstance(item, dict) and "from" in item and key not in item:  # that experiment's method
+                    ref = Path(config_path).resolve().parent / f"{item['from']}.yaml"
+                    found += [t for t in (experiment_teachers(ref, key) if ref.is_file() else []) if t not in found]
+                    continue
                 spec = item.get(key) if isinstance(item, dict) else None
                 for kind in ("experiment", "checkpoint"):
                     if isinstance(spec, dict) and spec.get(kind) is not None and (kind, str(spec[kind])) not in found:

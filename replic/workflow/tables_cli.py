@@ -96,6 +96,12 @@ def format_tables(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def known_result(target: str, registry: Registry) -> bool:
+    """Whether the table or claims rule makes ``target`` (a results/ file directly under results/)."""
+    stems = [f"results/table_{name}" for name in registry.tables] + [f"results/claims_{scale}" for scale in SCALES]
+    return any(target == f"{stem}.{ext}" for stem in stems for ext in ("csv", "md", "provenance.json"))
+
+
 def suggest_target(target: str, registry: Registry) -> str:
     """The message for a results/ target no rule makes: the closest valid targets, then all of them."""
     valid = [f"results/table_{name}.csv" for name in registry.tables]

@@ -842,8 +842,9 @@ DELIBERATE: tuple[Deviation, ...] = (
     Deviation(("maskd_retinanet_r50_24ep*",), "method.init_from_teacher", "neck, bbox_head", "none",
               "not reproduced: RetinaNet students initialised with the teacher's neck and head.", _MK),
     Deviation(("maskd_*",), "impl.frozen_teacher_and_tokens", "lr_mult 0 / decay_mult 0 in the optimizer",
-              "held outside the module tree (hold_frozen)", "the same optimisation; teacher and tokens are not "
-              "copied into every student checkpoint (their sha256 is in the provenance).", _MK),
+              "held outside the module tree (hold_frozen)", "the same update except on clipped steps (the official "
+              "tokens still get gradients, which enter the clipped norm; docs/maskd.md); teacher and tokens are "
+              "not copied into every student checkpoint (their sha256 is in the provenance).", _MK),
     Deviation(("maskd_*",), "impl.custom_mask_warmup_on_resume", "restarts at 0 (_iter)",
               "continues (optimizer steps counted in a saved buffer)", "a resumed run continues the warm-up.", _MK,
               exclude=("maskd_tokens_*",)),

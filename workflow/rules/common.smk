@@ -357,5 +357,7 @@ def unknown_result_target(wildcards):
     from replic.workflow.tables_cli import known_result, suggest_target
 
     if known_result(f"results/{wildcards.unknown}", REGISTRY):
-        return []
+        # Never chosen (an input no rule makes), so a table whose own inputs fail (a missing
+        # experiment config) still fails with that error, and nothing is printed otherwise.
+        return [f"results/.made-by-the-table-or-claims-rule/{wildcards.unknown}"]
     raise WorkflowError(suggest_target(f"results/{wildcards.unknown}", REGISTRY))

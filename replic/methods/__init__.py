@@ -63,14 +63,10 @@ def parse_method_options(section: dict[str, Any] | list[dict[str, Any]]) -> tupl
 
 def method_classes(section: dict[str, Any] | list[dict[str, Any]]) -> list[type[TrainingMethod]]:
     """The method class(es) a ``method`` section names (several for a composition)."""
-    cls, options = parse_method_options(section)
-    return [part for part, _ in options.parts] if isinstance(options, _composed_options()) else [cls]
-
-
-def _composed_options() -> type:
     from replic.methods.compose import ComposedOptions
 
-    return ComposedOptions
+    cls, options = parse_method_options(section)
+    return [part for part, _ in options.parts] if isinstance(options, ComposedOptions) else [cls]
 
 
 def build_method(cfg: Any, run_dir: Any = None) -> TrainingMethod:

@@ -65,6 +65,9 @@ class TrainingMethod(nn.Module):
         # The training run's directory (set by the engine; None when only building the model).
         self.run_dir: Any = None
         self._frozen: dict[str, nn.Module] = {}
+        # Frozen teachers by checkpoint path; a composition gives all its methods one pool, so a
+        # teacher run named by several of them is built and held in memory once.
+        self.teacher_pool: dict[str, nn.Module] = {}
 
     # ------------------------------------------------------------------ hooks
     @classmethod
@@ -124,25 +127,13 @@ class TrainingMethod(nn.Module):
     # ---------------------------------------------------------------- helpers
     def frozen_teacher(self, ckpt: Any, device: torch.device) -> nn.Module:
         """The frozen teacher of checkpoint ``ckpt`` (a ``TeacherCheckpoint``) on ``device``, held as
-        ``teacher``. Methods composed on one student share :attr:`teacher_pool`, so a teacher run
-        named by several of them is built and held in memory once."""
+        ``teacher``; built once per :attr:`teacher_pool`."""
         from replic.distill.teacher import build_teacher
 
         key = str(Path(ckpt.path).resolve())
         if key not in self.teacher_pool:
             self.teacher_pool[key] = build_teacher(ckpt, device)
         return self.hold_frozen("teacher", self.teacher_pool[key])
-
-    @property
-    def teacher_pool(self) -> dict[str, nn.Module]:
-        """Frozen teachers by checkpoint path (shared when the composer sets one pool for all)."""
-        if "_teacher_pool" not in self.__dict__:
-            self.__dict__["_teacher_pool"] = {}
-        return self.__dict__["_teacher_pool"]
-
-    @teacher_pool.setter
-    def teacher_pool(self, pool: dict[str, nn.Module]) -> None:
-        self.__dict__["_teacher_pool"] = pool
 
     def hold_frozen(self, name: str, module: nn.Module) -> nn.Module:
         """Keep ``module`` frozen and outside the module tree (no optimizer, no DDP, no checkpoint).

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from replic.config import ConfigError
-from replic.methods.base import TrainingMethod, student_forward
+from replic.methods.base import TrainingMethod
 
 
 @dataclass
@@ -90,11 +90,10 @@ class ComposedMethod(TrainingMethod):
             part.teacher_pool = pool  # one frozen teacher per checkpoint, whichever method asks
         # The run's method name, e.g. "ks_detr+d3etr+maskd" (provenance, logs).
         self.name = "+".join(options.names)  # type: ignore[misc]
-        self.uses_cached_features = all(cls.uses_cached_features for cls, _ in options.parts)  # type: ignore[misc]
 
     @classmethod
     def check_config(cls, cfg: Any, options: ComposedOptions) -> None:
-        check_composable(options)
+        # (check_composable already ran in parse_method_options, which made ``options``.)
         for part_cls, part_options in options.parts:
             part_cls.check_config(cfg, part_options)
 
@@ -152,9 +151,3 @@ class ComposedMethod(TrainingMethod):
         for part in self.parts.values():
             outputs = part.after_forward(model, outputs, images, mask, targets)
         return outputs
-
-    def forward_train(self, model: nn.Module, images: Tensor, mask: Tensor,
-                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:
-        kwargs = self.model_inputs(model, images, mask, targets)
-        outputs = student_forward(model, images, mask, targets, kwargs)
-        return self.after_forward(model, outputs, images, mask, targets)

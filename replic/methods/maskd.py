@@ -99,8 +99,10 @@ def tap_features(detector: nn.Module, images: Tensor, mask: Tensor, position: Po
     forward builds), without running its heads."""
     from replic.models.cnn.detector import image_sizes_from_mask
 
-    if position == "memory":  # a DETR's encoder output: its forward up to the memory (and on)
-        return [memory_map(detector(images, mask))]
+    if position == "memory":  # a DETR's encoder output: backbone and encoder, no decoder
+        features, (memory, _, _) = detector.encode(images, mask)
+        h, w = features[detector.backbone[0].input_level][0].shape[-2:]
+        return [memory_map({"memory": memory, "feature_size": (h, w)})]
     if getattr(detector, "neck", None) is None:  # DETR: the padded batch goes to the ResNet as is
         return list(tap_module(detector, position)(images).values())
     sizes = image_sizes_from_mask(mask)

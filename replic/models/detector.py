@@ -84,10 +84,8 @@ class Detector(nn.Module):
         if mask.shape != (images.shape[0], *images.shape[2:]) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool (B, H, W) matching images, got {mask.dtype} {tuple(mask.shape)}")
 
-        features, pos = self.backbone(images, mask)
-        # The transformer's input map (C5 official; C4 at mini scale).
-        c5, c5_mask = features[self.backbone[0].input_level]
-        memory, memory_mask, memory_pos = self.transformer.encode(self.input_proj(c5), c5_mask, pos, encoder_inputs)
+        features, (memory, memory_mask, memory_pos) = self.encode(images, mask, encoder_inputs)
+        c5 = features[self.backbone[0].input_level][0]
         batch = images.shape[0]
         streams = memory.shape[0] // batch
         main = self._main_group(memory.shape[0])
@@ -116,6 +114,14 @@ class Detector(nn.Module):
         if extra_queries:
             out["extra_groups"] = [self._head_outputs(g) for g in per_group[1:]]
         return out
+
+    def encode(self, images: Tensor, mask: Tensor,
+               encoder_inputs: dict[str, Any] | None = None) -> tuple[dict[str, Any], tuple[Tensor, Tensor, Tensor]]:
+        """Backbone and encoder only: the backbone maps by level and (memory, memory_mask, memory_pos),
+        (B, HW, ·). The transformer reads ``input_level`` (C5 official; C4 at mini scale)."""
+        features, pos = self.backbone(images, mask)
+        c5, c5_mask = features[self.backbone[0].input_level]
+        return features, self.transformer.encode(self.input_proj(c5), c5_mask, pos, encoder_inputs)
 
     # ------------------------------------------------------------------ helpers
     def _decode(self, groups: list[dict[str, Any]], memory: Tensor, pos: Tensor, mask: Tensor,

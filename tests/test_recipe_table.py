@@ -188,7 +188,7 @@ def test_cli_prints_and_writes_markdown(tmp_path: Path, capsys: pytest.CaptureFi
     assert _cli(["--experiment", "cdetr_r50_50ep", "--experiment", "maskd_retinanet_r50_24ep"]) == 0
     out = capsys.readouterr().out
     assert "cdetr_r50_50ep" in out and "`--lr`" in out and "maskd_retinanet_r50_24ep" in out
-    assert "method.head_kd: authors mmdet.L1Loss" in out  # its deliberate differences are listed
+    assert "impl.frozen_teacher_and_tokens: authors lr_mult 0" in out  # its deliberate differences are listed
     target = tmp_path / "sub" / "recipes.md"
     assert _cli(["--experiment", "ks_cdetr_r50_50ep", "--markdown", str(target)]) == 0
     assert target.read_text(encoding="utf-8") == render_markdown(load_recipes(EXPERIMENTS, REGISTRY,

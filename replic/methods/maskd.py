@@ -28,7 +28,10 @@ token checkpoints, feature taps, teacher and student setup, the options and the
 The tokens come from a stage-1 run of the DAG (``tokens: {experiment: …}``), a file
 (``tokens: {checkpoint: …}``: a replic token run or a released official ``.ckpt`` whose keys
 contain ``mask_modules``), or are random (``tokens: {random: true}``, the "no mask learning"
-ablation). Feature taps: ``position: fpn`` (the FPN outputs, the paper) or ``backbone`` (the
+ablation), or one all-ones mask (``tokens: {all_ones: true}``: plain feature imitation, a
+control). Beside the feature loss, the official configs distil RetinaNet's and Faster R-CNN's
+box-regression outputs and start RetinaNet's student from the teacher's neck and head
+(:mod:`replic.methods.maskd_heads`; ``head_distill``, ``init_from_teacher``). Feature taps: ``position: fpn`` (the FPN outputs, the paper) or ``backbone`` (the
 ResNet stages feeding the FPN, an ablation) of a CNN detector; on a DETR (beyond the paper)
 ``backbone`` (its ResNet C5) or ``memory`` (the encoder's output, (B, HW, D) read as a D-channel
 map): at mini scale teacher and student share one frozen backbone, so only the memory differs.
@@ -49,6 +52,7 @@ from replic.distill import TeacherSpec, build_teacher, read_teacher, teacher_fac
 from replic.distill.teacher import TeacherCheckpoint, TeacherError
 from replic.io import file_sha256
 from replic.methods.base import TrainingMethod
+from replic.methods.maskd_heads import HEAD_DISTILL_ARCHS, HeadTap, init_from_teacher
 from replic.methods.maskd_maths import ReceptiveTokens, dice_diversity, level_loss, masked_distillation
 
 # The maths is re-exported: this module is the method's entry point (the tests import it from here).
@@ -97,18 +101,24 @@ def memory_map(outputs: dict[str, Any]) -> Tensor:
 def tap_features(detector: nn.Module, images: Tensor, mask: Tensor, position: Position) -> list[Tensor]:
     """The tapped maps of ``detector`` for a replic batch (the same padded tensor the detector's
     forward builds), without running its heads."""
+    return list(tap_maps(detector, images, mask, position).values())
+
+
+def tap_maps(detector: nn.Module, images: Tensor, mask: Tensor, position: Position) -> dict[str, Tensor]:
+    """:func:`tap_features` by level name, as the tapped module returns them (a CNN's FPN keys are what
+    its RoI pooling reads)."""
     from replic.models.cnn.detector import image_sizes_from_mask
 
     if position == "memory":  # a DETR's encoder output: backbone and encoder, no decoder
         features, (memory, _, _) = detector.encode(images, mask)
         h, w = features[detector.backbone[0].input_level][0].shape[-2:]
-        return [memory_map({"memory": memory, "feature_size": (h, w)})]
+        return {"memory": memory_map({"memory": memory, "feature_size": (h, w)})}
     if getattr(detector, "neck", None) is None:  # DETR: the padded batch goes to the ResNet as is
-        return list(tap_module(detector, position)(images).values())
+        return dict(tap_module(detector, position)(images))
     sizes = image_sizes_from_mask(mask)
     crops = [images[i, :, : int(h), : int(w)] for i, (h, w) in enumerate(sizes.tolist())]
     batch, _ = detector.model.transform(crops)
-    return list(tap_module(detector, position)(batch.tensors).values())
+    return dict(tap_module(detector, position)(batch.tensors))
 
 
 def probe_channels(detector: nn.Module, position: Position) -> list[int]:
@@ -129,17 +139,19 @@ class TokenError(ValueError):
 @dataclass
 class TokenSpec:
     """Where the stage-2 tokens come from: exactly one of ``experiment`` (a ``maskd_tokens`` run of
-    the DAG), ``checkpoint`` (a file) or ``random: true`` (no mask learning, an ablation)."""
+    the DAG), ``checkpoint`` (a file), ``random: true`` (no mask learning, an ablation) or
+    ``all_ones: true`` (no tokens: one mask of ones, i.e. plain feature imitation — a control)."""
 
     experiment: str | None = None
     checkpoint: str | None = None
     random: bool = False
+    all_ones: bool = False
 
     def validate(self) -> None:
-        given = (self.experiment is not None) + (self.checkpoint is not None) + bool(self.random)
+        given = (self.experiment is not None) + (self.checkpoint is not None) + bool(self.random) + bool(self.all_ones)
         if given != 1:
-            raise ConfigError("give exactly one of 'experiment' (a maskd_tokens run), 'checkpoint' (a file) "
-                              "and 'random: true'")
+            raise ConfigError("give exactly one of 'experiment' (a maskd_tokens run), 'checkpoint' (a file), "
+                              "'random: true' and 'all_ones: true'")
 
 
 def token_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -344,6 +356,12 @@ class MasKDOptions:
     custom_mask: multiply the teacher's masks by the student's (detached) after
         ``custom_mask_warmup`` optimizer steps (official: 7330 / 7000 / 5000 for FRCNN / RetinaNet / FCOS).
     position: ``fpn`` (paper) | ``backbone`` (ablation; the tokens must have been learned there too).
+    head_distill: distil the box-regression outputs as the official config of the student's detector
+        (:mod:`replic.methods.maskd_heads`); unset = as that config: on for RetinaNet and Faster
+        R-CNN, off for FCOS and DETRs (which have no official head term, so ``true`` is refused there).
+    head_weight: the head term's weight (1 in both official configs).
+    init_from_teacher: start the student's neck and heads from the teacher's; unset = as the official
+        config (RetinaNet only).
     """
 
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
@@ -354,8 +372,16 @@ class MasKDOptions:
     custom_mask: bool = True
     custom_mask_warmup: int = 7330
     position: Position = "fpn"
+    head_distill: bool | None = None
+    head_weight: float = 1.0
+    init_from_teacher: bool | None = None
 
     def validate(self) -> None:
+        if self.head_weight < 0:
+            raise ConfigError(f"head_weight: must be >= 0, got {self.head_weight}")
+        if self.tokens.all_ones and (self.weighting or self.custom_mask):
+            raise ConfigError("tokens: all_ones has one mask of ones and no tokens: set weighting: false and "
+                              "custom_mask: false")
         if self.num_tokens < 1:
             raise ConfigError(f"num_tokens: must be >= 1, got {self.num_tokens}")
         if self.loss_weight < 0:
@@ -376,7 +402,9 @@ class MasKD(TrainingMethod):
         super().__init__(cfg, options)
         self._teacher_ckpt: TeacherCheckpoint | None = None
         self._token_state: dict[str, Tensor] | None = None
-        self._token_facts: dict[str, Any] = {"random": True, "seed": cfg.seed} if options.tokens.random else {}
+        self._token_facts: dict[str, Any] = ({"random": True, "seed": cfg.seed} if options.tokens.random
+                                             else {"all_ones": True} if options.tokens.all_ones else {})
+        self._head_tap: HeadTap | None = None
         self._student_taps: list[dict[str, Tensor]] = []
         # Optimizer steps seen (the custom-mask warm-up); in the state dict, so resume is exact.
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
@@ -384,11 +412,30 @@ class MasKD(TrainingMethod):
     @classmethod
     def check_config(cls, cfg: Any, options: MasKDOptions) -> None:
         _check_cnn(cfg, options.position)
+        arch = student_arch(cfg)
+        if options.head_distill and arch not in HEAD_DISTILL_ARCHS:
+            raise ConfigError(f"method.head_distill: the official MasKD configs distil a head output of "
+                              f"{' and '.join(sorted(HEAD_DISTILL_ARCHS))} only; this student is {arch}")
+        if options.init_from_teacher and getattr(cfg.model, "family", "detr") != "cnn":
+            raise ConfigError("method.init_from_teacher: copies a CNN detector's neck and heads (the official "
+                              "RetinaNet config); this student is a DETR")
+
+    @property
+    def head_distill(self) -> bool:
+        """``head_distill`` resolved: unset follows the official config of the student's detector."""
+        option = self.options.head_distill
+        return student_arch(self.cfg) in HEAD_DISTILL_ARCHS if option is None else option
+
+    @property
+    def init_from_teacher(self) -> bool:
+        """``init_from_teacher`` resolved: unset follows the official configs (RetinaNet only)."""
+        option = self.options.init_from_teacher
+        return student_arch(self.cfg) == "retinanet" if option is None else option
 
     def token_path(self) -> Path | None:
-        """The token checkpoint file (None for random tokens); an experiment is the sibling run."""
+        """The token checkpoint file (None for random or all-ones masks); an experiment is the sibling run."""
         spec = self.options.tokens
-        if spec.random:
+        if spec.random or spec.all_ones:
             return None
         return teacher_path(TeacherSpec(experiment=spec.experiment, checkpoint=spec.checkpoint), self.run_dir)
 
@@ -438,20 +485,29 @@ class MasKD(TrainingMethod):
         if len(t_channels) != len(s_channels):
             raise TeacherError(f"{self._teacher_ckpt.path}: the teacher has {len(t_channels)} tapped levels, "
                                f"the student {len(s_channels)} (method.position {o.position})")
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        bank = TokenBank(t_channels, o.num_tokens, o.weighting, generator)
-        if self._token_state is not None:
-            load_tokens(bank, self._token_state, self.token_path())
-        self.hold_frozen("tokens", bank.to(device))
+        if not o.tokens.all_ones:
+            generator = torch.Generator().manual_seed(self.cfg.seed)
+            bank = TokenBank(t_channels, o.num_tokens, o.weighting, generator)
+            if self._token_state is not None:
+                load_tokens(bank, self._token_state, self.token_path())
+            self.hold_frozen("tokens", bank.to(device))
+        # Built after the tokens: their seeded draws come first, as before these options existed.
         self.align = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(s_channels, t_channels)).to(device)
         if o.position == "backbone":
             tap_module(model, o.position).register_forward_hook(
                 lambda module, inputs, output: self._student_taps.append(output))
         criterion.register_loss(self._loss_term, {"loss_maskd": o.loss_weight})
+        if self.init_from_teacher:
+            init_from_teacher(model, teacher, self._teacher_ckpt.path)
+        if self.head_distill:
+            self._head_tap = HeadTap(model, student_arch(self.cfg))
+            criterion.register_loss(self._head_term, {"loss_maskd_head": o.head_weight})
 
     def model_inputs(self, model: nn.Module, images: Tensor, mask: Tensor,
                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:
-        self._student_taps.clear()  # the forward hook fills it during the student's forward
+        self._student_taps.clear()  # the forward hooks fill these during the student's forward
+        if self._head_tap is not None:
+            self._head_tap.clear()
         return {}
 
     def after_forward(self, model: nn.Module, out: dict[str, Any], images: Tensor, mask: Tensor,
@@ -465,9 +521,16 @@ class MasKD(TrainingMethod):
             (taps,) = self._student_taps
             student = list(taps.values())
         self._student_taps.clear()
+        position = self.options.position
         with torch.no_grad():
-            teacher = tap_features(self.frozen("teacher"), images, mask, self.options.position)
-        out["loss_maskd"] = self.distill_loss(student, teacher)
+            teacher_maps = tap_maps(self.frozen("teacher"), images, mask, position)
+        out["loss_maskd"] = self.distill_loss(student, list(teacher_maps.values()))
+        if self._head_tap is not None:
+            if position != "fpn":  # the heads read the FPN maps
+                with torch.no_grad():
+                    teacher_maps = tap_maps(self.frozen("teacher"), images, mask, "fpn")
+            out["loss_maskd_head"] = self._head_tap.loss(self.frozen("teacher"), teacher_maps)
+            self._head_tap.clear()
         if self.training:
             self.step += 1
         return out
@@ -476,9 +539,14 @@ class MasKD(TrainingMethod):
         """Σ over levels of :func:`~replic.methods.maskd_maths.level_loss` (aligned student vs teacher,
         the teacher's masks, customised by the student's after the warm-up)."""
         o = self.options
+        total = student[0].new_zeros(())
+        if o.tokens.all_ones:  # one mask of ones: the mean squared difference per level
+            for s, t, align in zip(student, teacher, self.align, strict=True):
+                a = align(s)
+                total = total + masked_distillation(a, t, a.new_ones(a.shape[0], 1, *a.shape[2:]), None)
+            return total
         bank = self.frozen("tokens")
         customise = o.custom_mask and int(self.step) >= o.custom_mask_warmup
-        total = student[0].new_zeros(())
         for s, t, align, tokens in zip(student, teacher, self.align, bank.mask_modules, strict=True):
             total = total + level_loss(align(s), t, tokens, customise, o.weighting)
         return total
@@ -487,6 +555,16 @@ class MasKD(TrainingMethod):
     def _loss_term(outputs: dict[str, Any], targets: Any, context: Any) -> dict[str, Tensor]:
         return {"loss_maskd": outputs["loss_maskd"]}
 
+    @staticmethod
+    def _head_term(outputs: dict[str, Any], targets: Any, context: Any) -> dict[str, Tensor]:
+        return {"loss_maskd_head": outputs["loss_maskd_head"]}
+
     def provenance(self) -> dict[str, Any]:
         return {"teacher": teacher_facts(self._teacher_ckpt) if self._teacher_ckpt else None,
-                "tokens": self._token_facts, "options": dataclasses.asdict(self.options)}
+                "tokens": self._token_facts, "options": dataclasses.asdict(self.options),
+                "head_distill": self.head_distill, "init_from_teacher": self.init_from_teacher}
+
+
+def student_arch(cfg: Any) -> str:
+    """The student's detector: a CNN's ``model.arch`` (retinanet, fcos, faster_rcnn) or ``detr``."""
+    return cfg.model.arch if getattr(cfg.model, "family", "detr") == "cnn" else "detr"

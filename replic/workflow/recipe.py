@@ -225,6 +225,8 @@ def recipe_values(cfg: Any, gpus: int | None = None,
         # A composed method's keys carry the method's name: method.<name>.<key>.
         prefix = f"method.{section['name']}." if len(sections) > 1 else "method."
         for f in dataclasses.fields(options):
+            if section["name"] == "maskd" and f.name in _MASKD_EXTRAS:
+                continue  # written below as the official configs name them
             value = getattr(options, f.name)
             v[f"{prefix}{f.name}"] = _spec_text(value) if dataclasses.is_dataclass(value) else value
             if f.name == "teacher" and teachers and value.experiment in teachers:
@@ -232,10 +234,35 @@ def recipe_values(cfg: Any, gpus: int | None = None,
         if section["name"] == "ks_detr":
             v[f"{prefix}masking_loc"] = options.location  # null = the variant's official pairing
         if section["name"] == "maskd":
-            # Official KD configs' extras replic does not have (docs/maskd.md, "Not reproduced").
-            v[f"{prefix}head_kd"] = "none"
-            v[f"{prefix}init_from_teacher"] = "none"
+            v.update({prefix + k: value for k, value in _maskd_extras(cfg, options).items()})
     return v
+
+
+# MasKD options written as the official configs' extra distiller components and init_cfg prefixes.
+_MASKD_EXTRAS = ("head_distill", "head_weight", "init_from_teacher")
+_MASKD_HEAD_TERMS = {
+    "retinanet": "mmdet.L1Loss on bbox_head.retina_reg",
+    "faster_rcnn": "mmdet.SmoothL1Loss on roi_head.bbox_head.fc_reg",
+}
+_MASKD_HEAD_INPUTS = {"faster_rcnn": " (student inputs to roi_head.bbox_roi_extractor)"}
+_MASKD_INIT_PARTS = {"retinanet": "neck, bbox_head", "fcos": "neck, bbox_head",
+                     "faster_rcnn": "neck, rpn_head, roi_head"}
+
+
+def _maskd_extras(cfg: Any, options: Any) -> dict[str, Any]:
+    """``head_kd`` and ``init_from_teacher`` of a MasKD student, resolved (unset options follow the
+    official config of the student's detector) and worded as the official configs."""
+    from replic.methods.maskd import MasKD, student_arch
+
+    method = MasKD(cfg, options)
+    arch = student_arch(cfg)
+    head = "none"
+    if method.head_distill:
+        weight = options.head_weight
+        weight_text = int(weight) if float(weight).is_integer() else weight
+        head = f"{_MASKD_HEAD_TERMS[arch]} ×{weight_text}{_MASKD_HEAD_INPUTS.get(arch, '')}"
+    init = _MASKD_INIT_PARTS.get(arch, "none") if method.init_from_teacher else "none"
+    return {"head_kd": head, "init_from_teacher": init}
 
 
 def _detr_model_values(model: Any) -> dict[str, Any]:
@@ -832,15 +859,15 @@ DELIBERATE: tuple[Deviation, ...] = (
               "[inferred] the official Faster R-CNN mask config extends the R50 config while loading the R101 "
               "teacher's checkpoint (a non-strict load that drops layer3 blocks 6-22); replic learns the tokens "
               "on the R101 teacher the students distil from, as the RetinaNet and FCOS mask configs do.", _MK),
-    Deviation(("maskd_retinanet_r50_24ep*",), "method.head_kd", "mmdet.L1Loss on bbox_head.retina_reg ×1", "none",
-              "not reproduced: the official KD configs' extra head terms (our rows are MasKD's feature loss "
-              "alone).", _MK),
-    Deviation(("maskd_frcnn_r50_24ep*",), "method.head_kd",
-              "mmdet.SmoothL1Loss on roi_head.bbox_head.fc_reg ×1 (student inputs to roi_head.bbox_roi_extractor)",
-              "none", "not reproduced: the official KD configs' extra head terms and the teacher RoI extractor "
-              "fed with the student's features.", _MK),
-    Deviation(("maskd_retinanet_r50_24ep*",), "method.init_from_teacher", "neck, bbox_head", "none",
-              "not reproduced: RetinaNet students initialised with the teacher's neck and head.", _MK),
+    Deviation(("maskd_retinanet_r50_24ep_featonly",), "method.head_kd", "mmdet.L1Loss on bbox_head.retina_reg ×1",
+              "none", "the ablation row without the official config's extras (replic's recipe before "
+              "2026-12-07).", _MK),
+    Deviation(("maskd_retinanet_r50_24ep_featonly",), "method.init_from_teacher", "neck, bbox_head", "none",
+              "the ablation row without the official config's extras.", _MK),
+    Deviation(("maskd_frcnn_r50_24ep*",), "impl.head_kd_outputs", "fc_reg: 80 classes × 4 per RoI",
+              "bbox_pred without its background group: 90 raw COCO ids × 4 per RoI",
+              "torchvision keeps a group per raw COCO id; the 10 unused ids' outputs are never trained in "
+              "either model but enter the mean, so the term is 8/9 of the official one per real value.", _MK),
     Deviation(("maskd_*",), "impl.frozen_teacher_and_tokens", "lr_mult 0 / decay_mult 0 in the optimizer",
               "held outside the module tree (hold_frozen)", "the same update except on clipped steps (the official "
               "tokens still get gradients, which enter the clipped norm; docs/maskd.md); teacher and tokens are "

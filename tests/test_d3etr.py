@@ -327,3 +327,29 @@ def test_distilled_attention_maps_are_the_pre_dropout_softmax_maps(tmp_path):
     # The terms are computed from those maps (finite, non-zero: the student is not the teacher).
     terms = _distill_terms(criterion(out, targets), criterion.weight_dict)
     assert all(v > 0 for k, v in terms.items() if "attn" in k)
+
+
+def test_fixed_group_reference_points_are_the_students_or_the_teachers_as_asked(tmp_path):
+    """``fixed_reference_points``: ``student`` decodes the teacher's queries at the student's own
+    reference points (its ref_point_head on them); ``teacher`` at the teacher's (TPRD's choice). With
+    a student of other weights the two differ, and only the auxiliary group's outputs change."""
+    images, mask, targets = _batch()
+    outs = {}
+    for choice in ("student", "teacher"):
+        (tmp_path / choice).mkdir()
+        method, student, _ = _setup(tmp_path / choice, {"fixed_reference_points": choice}, student_model=MODEL, seed=5)
+        student.eval()
+        teacher = method.frozen("teacher")
+        outs[choice] = method.forward_train(student, images, mask, targets)
+        group = outs[choice]["extra_groups"][0]
+        query_pos = teacher.query_embed.weight
+        own = student.transformer.decoder.make_reference_points(query_pos[None].repeat(2, 1, 1))
+        with torch.no_grad():
+            theirs = teacher(images, mask)["reference_points"]
+        expected = theirs if choice == "teacher" else own
+        torch.testing.assert_close(group["reference_points"], expected, rtol=0, atol=0)
+    assert not torch.allclose(outs["student"]["extra_groups"][0]["reference_points"],
+                              outs["teacher"]["extra_groups"][0]["reference_points"])
+    assert not torch.allclose(outs["student"]["extra_groups"][0]["pred_boxes"],
+                              outs["teacher"]["extra_groups"][0]["pred_boxes"])
+    torch.testing.assert_close(outs["student"]["pred_boxes"], outs["teacher"]["pred_boxes"], rtol=0, atol=0)

@@ -25,7 +25,7 @@ from test_workflow import REPO, copy_workflow, job_counts, snakemake, stub_coco
 
 TABLES = ("d3etr", "d3etr_ablations")
 STUDENTS_12EP = ("d3etr_cdetr_r50_12ep", "d3etr_cdetr_r50_12ep_adaptive", "d3etr_cdetr_r50_12ep_fixed",
-                 "d3etr_cdetr_r50_12ep_pred", "d3etr_cdetr_r50_12ep_pred_sa")
+                 "d3etr_cdetr_r50_12ep_pred", "d3etr_cdetr_r50_12ep_pred_sa", "d3etr_cdetr_r50_12ep_teacher_refs")
 
 
 def _registry_file(tmp_path: Path, rows: list[dict]) -> Path:
@@ -118,7 +118,7 @@ def test_paper_scale_dag_trains_the_teacher_once_before_its_students(tmp_path):
                        "--profile", "slurm", "--config", "scale=paper", f"coco_root={coco}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = len(load_registry(REPO / "configs" / "tables.yaml").experiments(list(TABLES)))
-    assert runs == 9
+    assert runs == 10
     assert job_counts(result.stdout) == {"check_data": 1, "scale_overlay": 1, "train": runs, "evaluate": runs,
                                          "table": 2, "total": 2 * runs + 4}
     teacher = "runs/paper/cdetr_r101_50ep/checkpoint_final.pt"

@@ -125,7 +125,7 @@ def test_paper_scale_dag_trains_the_teacher_once_before_its_students(tmp_path):
     train_inputs = [line for line in result.stdout.splitlines()
                     if line.strip().startswith("input: configs/experiments/") and "data.json" in line]
     students = [line for line in train_inputs if "experiments/d3etr_" in line]
-    assert len(students) == 6 and all(teacher in line for line in students)
+    assert len(students) == 7 and all(teacher in line for line in students)
     assert not any(teacher in line for line in train_inputs if line not in students)
     assert result.stdout.count("torchrun --standalone --nnodes=1 --nproc_per_node=8 -m replic") == runs
 

@@ -132,7 +132,7 @@ def test_init_from_teacher_copies_the_neck_and_heads_not_the_resnet_body():
     ("maskd_retinanet_r50_24ep", True, True),
     ("maskd_frcnn_r50_24ep", True, False),
     ("maskd_fcos_r50_24ep", False, False),
-    ("maskd_cdetr_r50_50ep_memory", False, False),
+    ("maskd_cdetr_r50_12ep_memory", False, False),
 ])
 def test_defaults_follow_each_official_config(experiment, head, init):
     cfg = _load(experiment)
@@ -144,8 +144,8 @@ def test_defaults_follow_each_official_config(experiment, head, init):
 
 @pytest.mark.parametrize(("experiment", "setting", "message"), [
     ("maskd_fcos_r50_24ep", "method.head_distill=true", "head_distill: .*retinanet only; this student is fcos"),
-    ("maskd_cdetr_r50_50ep_memory", "method.head_distill=true", "this student is detr"),
-    ("maskd_cdetr_r50_50ep_memory", "method.init_from_teacher=true", "this student is a DETR"),
+    ("maskd_cdetr_r50_12ep_memory", "method.head_distill=true", "this student is detr"),
+    ("maskd_cdetr_r50_12ep_memory", "method.init_from_teacher=true", "this student is a DETR"),
     ("maskd_retinanet_r50_24ep_allones", "method.weighting=true", "all_ones .* weighting: false"),
     ("maskd_retinanet_r50_24ep", "method.tokens.all_ones=true", "exactly one of"),
 ])

@@ -703,9 +703,9 @@ PAPERS: dict[str, str] = {
 }
 
 FAMILIES: tuple[Family, ...] = (
-    # First: its KS-DETR row (cdetr_r50_50ep_ks) would otherwise match the Conditional DETR globs.
+    # First: its KS-DETR row (cdetr_r50_12ep_ks) would otherwise match the Conditional DETR globs.
     Family("composition", "Composed methods and KS-DETR on the official recipe",
-           ("compose_*", "cdetr_r50_50ep_ks"), "composition",
+           ("compose_*", "cdetr_r50_12ep_ks"), "composition",
            "Every row trains the official Conditional DETR-R50 recipe; a composition takes each method's "
            "section from that method's own experiment."),
     Family("conditional_detr", "Conditional DETR: the official recipe", ("cdetr_*",), "conditional_detr",

@@ -201,7 +201,43 @@ def test_the_feature_cache_follows_what_each_method_declares(tmp_path):
     assert unsupported_reason(both) is None
     assert [c.name for c in method_classes(both.method)] == ["ks_detr", "d3etr"]
     three = from_dict(ExperimentConfig, {"model": MODEL, "method": list(sections.values())})
-    assert unsupported_reason(three) == "method 'maskd' runs its own forward on the images"
+    assert unsupported_reason(three) is None  # MasKD's memory tap decides after setup (next test)
+    tokens = from_dict(ExperimentConfig, {"model": MODEL, "method": {
+        "name": "maskd_tokens", "teacher": {"checkpoint": str(teacher)}, "position": "memory"}})
+    assert unsupported_reason(tokens) == "method 'maskd_tokens' runs its own forward on the images"
+
+
+def test_cached_backbone_maps_give_the_same_maskd_memory_terms_as_images(tmp_path):
+    """At mini scale teacher and student share one frozen backbone, so the student's cached maps are
+    the teacher's too: MasKD's memory term from cached maps equals the term from images. A teacher
+    with another backbone, or a backbone tap, trains from images and says why."""
+    from replic.models.backbone import BackboneFeatures
+
+    teacher = tmp_path / "teacher.pt"
+    _teacher(teacher)
+    section = _sections(teacher)["maskd"]
+    cfg = from_dict(ExperimentConfig, {"model": MODEL, "method": section})
+    method = build_method(cfg)
+    method.check_inputs()
+    torch.manual_seed(3)
+    student = build_model(cfg.model)
+    criterion = build_criterion(cfg.model)
+    method.setup(student, criterion, torch.device("cpu"))
+    assert "teacher's backbone differs" in method.feature_cache_reason(student)
+    student.backbone.load_state_dict(method.frozen("teacher").backbone.state_dict())  # the shared backbone
+    assert method.feature_cache_reason(student) is None
+    images, mask, targets = _batch()
+    images = images.float()
+    with torch.no_grad():
+        maps = dict(student.backbone[0].body(images))
+        cached = criterion(method.forward_train(student, BackboneFeatures(maps, tuple(images.shape)), mask,
+                                                targets), targets)
+        direct = criterion(method.forward_train(student, images, mask, targets), targets)
+    assert cached.keys() == direct.keys() and float(direct["loss_maskd"]) > 0
+    for key, value in direct.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-5, atol=1e-7, msg=key)
+    backbone_tap = build_method(from_dict(ExperimentConfig, {"model": MODEL, "method": {**section, "position": "backbone"}}))
+    assert "position 'backbone' runs the backbones on the images" in backbone_tap.feature_cache_reason(student)
 
 
 def test_a_refused_combination_exits_2_before_training(tmp_path):

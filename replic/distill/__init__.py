@@ -24,6 +24,7 @@ from replic.distill.teacher import (
     build_teacher,
     check_teacher_fits,
     read_teacher,
+    shares_backbone,
     teacher_facts,
     teacher_path,
 )
@@ -32,5 +33,5 @@ __all__ = [
     "TeacherCheckpoint", "TeacherError", "TeacherSpec", "TeacherStudentMatcher", "attention_map_loss",
     "binary_kl_with_logits", "build_teacher", "check_teacher_fits", "identity_indices",
     "matched_cross_attention", "matched_self_attention", "normalise_rows", "prediction_losses",
-    "read_teacher", "teacher_facts", "teacher_path",
+    "read_teacher", "shares_backbone", "teacher_facts", "teacher_path",
 ]

@@ -149,3 +149,11 @@ def teacher_facts(checkpoint: TeacherCheckpoint) -> dict[str, Any]:
     return {"path": str(checkpoint.path), "sha256": checkpoint.sha256, "experiment": checkpoint.experiment,
             "backbone": cfg.backbone, "hidden_dim": cfg.hidden_dim, "dec_layers": cfg.dec_layers,
             "num_queries": cfg.num_queries, "num_classes": cfg.num_classes}
+
+
+def shares_backbone(student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether a DETR teacher's backbone is the student's, weight for weight (at mini scale both use
+    the one frozen pretrained ResNet): then the student's cached backbone maps
+    (``train.feature_cache``) are the teacher's too."""
+    own, theirs = student.backbone.state_dict(), teacher.backbone.state_dict()
+    return own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k].to(own[k].device)) for k in own)

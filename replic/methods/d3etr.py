@@ -46,6 +46,7 @@ from replic.distill import (
     matched_self_attention,
     prediction_losses,
     read_teacher,
+    shares_backbone,
     teacher_facts,
     teacher_path,
 )
@@ -199,8 +200,7 @@ class D3ETR(TrainingMethod):
     def feature_cache_reason(self, model: nn.Module) -> str | None:
         """The cached maps stand in for both models' images only if the teacher's frozen backbone
         is the student's (the shared mini-scale backbone); otherwise the run trains from images."""
-        own, theirs = model.backbone.state_dict(), self.frozen("teacher").backbone.state_dict()
-        if own.keys() != theirs.keys() or any(not torch.equal(own[k], theirs[k].to(own[k].device)) for k in own):
+        if not shares_backbone(model, self.frozen("teacher")):
             return "the D³ETR teacher's backbone differs from the student's (its maps are not the cached ones)"
         return None
 

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from replic.config import ConfigError
-from replic.distill import TeacherSpec, build_teacher, read_teacher, teacher_facts, teacher_path
+from replic.distill import TeacherSpec, build_teacher, read_teacher, shares_backbone, teacher_facts, teacher_path
 from replic.distill.teacher import TeacherCheckpoint, TeacherError
 from replic.io import file_sha256
 from replic.methods.base import TrainingMethod
@@ -395,8 +395,9 @@ class MasKD(TrainingMethod):
 
     name = "maskd"
     Options = MasKDOptions
-    # Its teacher reads the images through its own backbone, so the step needs them.
-    uses_cached_features = False
+    # At the memory tap of a DETR whose teacher shares the student's frozen backbone (mini scale), the
+    # cached maps are the teacher's too; every other tap reads the images (feature_cache_reason).
+    uses_cached_features = True
 
     def __init__(self, cfg: Any, options: MasKDOptions) -> None:
         super().__init__(cfg, options)
@@ -431,6 +432,16 @@ class MasKD(TrainingMethod):
         """``init_from_teacher`` resolved: unset follows the official configs (RetinaNet only)."""
         option = self.options.init_from_teacher
         return student_arch(self.cfg) == "retinanet" if option is None else option
+
+    def feature_cache_reason(self, model: nn.Module) -> str | None:
+        """Cached maps stand in for the images only at a DETR's memory tap with a teacher that shares the
+        student's backbone: the teacher's encoder then reads the same maps (the backbone and FPN taps
+        run the ResNets on the images)."""
+        if self.options.position != "memory":
+            return f"MasKD at position '{self.options.position}' runs the backbones on the images"
+        if not shares_backbone(model, self.frozen("teacher")):
+            return "the MasKD teacher's backbone differs from the student's (its maps are not the cached ones)"
+        return None
 
     def token_path(self) -> Path | None:
         """The token checkpoint file (None for random or all-ones masks); an experiment is the sibling run."""

@@ -57,7 +57,8 @@ def test_every_experiment_validates_at_paper_scale_without_reading_data(path):
     # Paper batch sizes: 2 per GPU, DC5 1 per GPU, for training and evaluation (pitfall 2).
     assert cfg.train.batch_size == (1 if dc5 else (4 if cfg.train.epochs == 500 else 2))
     assert cfg.eval.batch_size == (1 if dc5 else 2)
-    epochs = int(path.stem.split("_")[-1].rstrip("ep")) if path.stem.endswith("ep") else 50
+    schedule = re.search(r"_(\d+)ep(_|$)", path.stem)  # cdetr_r50_12ep, cdetr_r50_12ep_ks, ...
+    epochs = int(schedule.group(1)) if schedule else 50
     assert cfg.train.epochs == epochs
     # 12 epochs (D³ETR's short schedule): lr drop at 11, detrex's 12-epoch schedule.
     assert cfg.train.lr_drop == {12: 11, 50: 40, 75: 60, 108: 80, 500: 400}[cfg.train.epochs]

@@ -454,3 +454,28 @@ def test_a_combination_row_shows_the_sum_of_its_single_gains(tmp_path: Path) -> 
     assert csv_rows["ab"]["sum_of"] == "a + b" and csv_rows["ab"]["AP_gain_sum_of_singles"] == "3"
     assert csv_rows["a"]["AP_gain_sum_of_singles"] == "" and csv_rows["ab"]["AP_gain_ours"] == "3.5"
     assert "sum of single gains +3.0" in render_markdown("composition", table, "mini", gathered, "P")
+
+
+def test_a_row_run_at_other_scales_is_neither_trained_nor_missing_here(tmp_path: Path) -> None:
+    # A control row at mini only (e.g. a distilled row with the paper's weights, which at paper scale
+    # is the default row): the DAG does not train it at paper scale and the table says why it is empty.
+    from replic.config import ConfigError
+
+    reg_path = _registry(tmp_path)
+    data = yaml.safe_load(reg_path.read_text())
+    data["tables"]["demo"]["rows"].append({"id": "mini_only", "label": "Mini only", "source": "control",
+                                           "experiment": "exp_mini_only", "scales": ["mini"], "paper": {}})
+    reg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    registry = load_registry(reg_path)
+    assert "exp_mini_only" in registry.experiments(["demo"], "mini")
+    assert "exp_mini_only" in registry.experiments(["demo"])
+    assert "exp_mini_only" not in registry.experiments(["demo"], "smoke")
+    _fabricate_runs(tmp_path / "runs")
+    out = tmp_path / "results"
+    gather(registry, reg_path, "demo", "smoke", tmp_path / "runs", out)
+    assert _rows(out / "table_demo.csv")["mini_only"]["status"] == "other scale"
+    assert "run at other scales only" in (out / "table_demo.md").read_text()
+    data["tables"]["demo"]["rows"][-1]["scales"] = ["tiny"]
+    reg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"rows\[5\].*scales: \['tiny'\]"):
+        load_registry(reg_path)

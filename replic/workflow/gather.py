@@ -30,6 +30,8 @@ from replic.workflow.prepare import write_atomic
 from replic.workflow.registry import Registry, Row, Table, load_registry
 
 STATUS_OK, STATUS_MISSING, STATUS_CITED = "ok", "missing", "cited"
+STATUS_OTHER_SCALE = "other scale"  # a row run at other scales only (Row.scales)
+STATUSES = (STATUS_OK, STATUS_MISSING, STATUS_CITED, STATUS_OTHER_SCALE)
 NAN = float("nan")
 
 
@@ -179,6 +181,9 @@ def gather_rows(table: Table, scale: str, runs_dir: str | Path) -> list[Gathered
     for row in table.rows:
         if row.experiment is None:
             rows.append(GatheredRow(row, STATUS_CITED, None, {m: NAN for m in table.metrics}))
+            continue
+        if not row.at(scale):
+            rows.append(GatheredRow(row, STATUS_OTHER_SCALE, None, {m: NAN for m in table.metrics}))
             continue
         if row.experiment not in cache:
             cache[row.experiment] = read_run(Path(runs_dir) / scale / row.experiment)
@@ -344,8 +349,10 @@ def render_markdown(name: str, table: Table, scale: str, rows: list[GatheredRow]
             singles = "" if summed is None or math.isnan(summed) else f"; sum of single gains {summed:+.1f}"
             cells.append(f"{g.row.gain_over}: {paper_text} / {ours_text}{singles}")
         lines.append("| " + " | ".join(cells) + " |")
-    counts = {s: sum(g.status == s for g in rows) for s in (STATUS_OK, STATUS_MISSING, STATUS_CITED)}
-    lines += ["", f"Rows: {counts[STATUS_OK]} ok, {counts[STATUS_MISSING]} missing, {counts[STATUS_CITED]} cited.", ""]
+    counts = {s: sum(g.status == s for g in rows) for s in STATUSES}
+    other = f", {counts[STATUS_OTHER_SCALE]} run at other scales only" if counts[STATUS_OTHER_SCALE] else ""
+    lines += ["", f"Rows: {counts[STATUS_OK]} ok, {counts[STATUS_MISSING]} missing, {counts[STATUS_CITED]} cited{other}.",
+              ""]
     state = code_state([(g.run.git_commit, g.run.git_dirty) for g in rows if g.status == STATUS_OK and g.run])
     if state:
         lines += [state, ""]
@@ -496,6 +503,8 @@ def _no_result_mark(g: GatheredRow) -> str:
         return "not re-run"
     if g.status == STATUS_MISSING:
         return "missing"
+    if g.status == STATUS_OTHER_SCALE:
+        return "not at this scale"
     return "n/a"
 
 
@@ -799,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     for g in rows:
         if g.status == STATUS_MISSING and g.run is not None:
             print(f"missing {g.row.id}: {g.run.problem}", file=sys.stderr)
-    counts = {s: sum(g.status == s for g in rows) for s in (STATUS_OK, STATUS_MISSING, STATUS_CITED)}
+    counts = {s: sum(g.status == s for g in rows) for s in STATUSES}
     print(f"table {args.table} ({args.scale}): {counts}")
     return 0
 

@@ -48,6 +48,14 @@ class Row:
     # A combination of methods (the composition table): the rows of its single methods, whose
     # gains (each over the same base) are summed beside this row's gain — do the gains add?
     sum_of: list[str] = field(default_factory=list)
+    # The scales this row is run at (empty: every scale). E.g. a distilled row with the paper's
+    # weights at a small scale, where the weight rule sets the other rows' weights: at paper scale
+    # the two are the same run, so it is not repeated there.
+    scales: list[str] = field(default_factory=list)
+
+    def at(self, scale: str | None) -> bool:
+        """Whether this row is run at ``scale`` (None: any)."""
+        return scale is None or not self.scales or scale in self.scales
 
 
 @dataclass
@@ -139,10 +147,12 @@ class Registry:
             raise ConfigError(f"unknown table '{name}'; registered: {sorted(self.tables)}")
         return self.tables[name]
 
-    def experiments(self, tables: list[str] | None = None) -> list[str]:
-        """Distinct experiments needed by ``tables`` (default: all), sorted: each is run once."""
+    def experiments(self, tables: list[str] | None = None, scale: str | None = None) -> list[str]:
+        """Distinct experiments needed by ``tables`` (default: all) at ``scale`` (default: any), sorted:
+        each is run once."""
         names = self.tables if tables is None else tables
-        return sorted({row.experiment for t in names for row in self.table(t).rows if row.experiment})
+        return sorted({row.experiment for t in names for row in self.table(t).rows
+                       if row.experiment and row.at(scale)})
 
     def resources(self, experiment: str, scale: str, job: str, epochs: int | None = None,
                   capped: bool = True) -> dict[str, int]:
@@ -202,6 +212,9 @@ def _validate_table(name: str, table: Table) -> None:
         seen.add(row.id)
         if row.experiment is not None and not _NAME.match(row.experiment):
             raise ConfigError(f"{here}.experiment: '{row.experiment}' is not a valid experiment name")
+        unknown = [s for s in row.scales if s not in SCALES]
+        if unknown:
+            raise ConfigError(f"{here}.scales: {unknown} are not scales; known: {list(SCALES)}")
         for metric, value in row.paper.items():
             if metric not in columns:
                 raise ConfigError(

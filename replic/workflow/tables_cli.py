@@ -19,9 +19,10 @@ DEFAULT_REGISTRY = "configs/tables.yaml"
 DEFAULT_EXPERIMENTS = "configs/experiments"
 
 
-def run_set(registry: Registry, table: str, experiments_dir: str | Path) -> list[str]:
-    """The experiments a table trains: its rows' runs, their teachers and token runs (sorted)."""
-    todo = list(registry.experiments([table]))
+def run_set(registry: Registry, table: str, experiments_dir: str | Path, scale: str | None = None) -> list[str]:
+    """The experiments a table trains at ``scale`` (default: any): its rows' runs, their teachers and
+    token runs (sorted)."""
+    todo = list(registry.experiments([table], scale))
     runs: set[str] = set()
     while todo:
         name = todo.pop()
@@ -38,10 +39,10 @@ def run_set(registry: Registry, table: str, experiments_dir: str | Path) -> list
 
 def table_costs(registry: Registry, table: str, experiments_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Per scale: trainings and an estimate — CPU minutes (smoke, mini) or GPU hours (paper)."""
-    runs = run_set(registry, table, experiments_dir)
-    evaluated = registry.experiments([table])
     costs: dict[str, dict[str, Any]] = {}
     for scale in SCALES:
+        runs = run_set(registry, table, experiments_dir, scale)
+        evaluated = registry.experiments([table], scale)
         if scale not in registry.compute:
             costs[scale] = {"trainings": len(runs), "available": False}
             continue

@@ -256,7 +256,7 @@ def fail_guard(wildcards):
 def table_evaluations(wildcards):
     return [
         f"{RUNS}/{SCALE}/{experiment}/eval/metrics.json"
-        for experiment in REGISTRY.experiments([wildcards.table])
+        for experiment in REGISTRY.experiments([wildcards.table], SCALE)
     ]
 
 
@@ -277,7 +277,7 @@ CONVERGENCE_REPLICATES = {
 def table_convergence(wildcards):
     """At mini scale (periodic evaluation on), a table with both convergence runs also makes
     the DETR-vs-Conditional-DETR convergence figure."""
-    if SCALE != "mini" or not set(CONVERGENCE_RUNS.values()) <= set(REGISTRY.experiments([wildcards.table])):
+    if SCALE != "mini" or not set(CONVERGENCE_RUNS.values()) <= set(REGISTRY.experiments([wildcards.table], SCALE)):
         return []
     return [f"results/figures/{SCALE}/convergence_detr_vs_cdetr.png"]
 
@@ -301,7 +301,7 @@ def viz_baseline(experiment, experiments):
 
 def table_viz_inputs(wildcards):
     # Attention figures exist for DETR-family runs only (CNN detectors have no decoder attention).
-    experiments = experiments_of_family(REGISTRY.experiments([wildcards.table]), config["experiments_dir"], "detr")
+    experiments = experiments_of_family(REGISTRY.experiments([wildcards.table], SCALE), config["experiments_dir"], "detr")
     figures = [f"results/figures/{SCALE}/attention/{e}" for e in experiments]
     pairs = [(e, viz_baseline(e, experiments)) for e in experiments]
     figures += [f"results/figures/{SCALE}/compare/{e}_vs_{b}" for e, b in pairs if b]

@@ -77,7 +77,7 @@ rule table_attention:
     output:
         "results/figures/table_{table}_extremity.csv",
     params:
-        runs=lambda wildcards: experiments_of_family(REGISTRY.experiments([wildcards.table]),
+        runs=lambda wildcards: experiments_of_family(REGISTRY.experiments([wildcards.table], SCALE),
                                                      config["experiments_dir"], "detr"),
     log:
         "results/logs/table_attention_{table}.log",

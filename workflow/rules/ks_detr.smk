@@ -30,7 +30,7 @@ rule ks_attention_table:
     input:
         lambda wildcards: [
             f"results/figures/{SCALE}/ks_attention/{e}.json"
-            for e in experiments_with_method(REGISTRY.experiments([wildcards.table]), config["experiments_dir"], "ks_detr")
+            for e in experiments_with_method(REGISTRY.experiments([wildcards.table], SCALE), config["experiments_dir"], "ks_detr")
         ],
     output:
         "results/figures/table_{table}_ks_attention.csv",

@@ -32,7 +32,7 @@ rule maskd_token_figures_table:
     input:
         lambda wildcards: [
             f"results/figures/{SCALE}/receptive_tokens/{e}/summary.json"
-            for e in token_runs(REGISTRY.experiments([wildcards.table]), config["experiments_dir"])
+            for e in token_runs(REGISTRY.experiments([wildcards.table], SCALE), config["experiments_dir"])
         ],
     output:
         "results/figures/table_{table}_receptive_tokens.json",

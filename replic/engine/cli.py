@@ -24,11 +24,14 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads) if args.threads else None
+    from replic.engine.config import parse_overrides
     from replic.engine.train import NonFiniteLossError, train
+    from replic.engine.weight_rule import RuleSource
 
+    source = RuleSource(args.config, args.scale, parse_overrides(args.set))
     try:
         return train(cfg, args.out, force=args.force, resume=args.resume,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, rule_source=source)
     except NonFiniteLossError as err:
         print(f"replic train: error: {err}", file=sys.stderr)
         return 3

@@ -47,6 +47,7 @@ from replic.engine.runtime import (
 )
 from replic.engine.sampling import EpochBatchSampler, SeededDataset
 from replic.engine.tensorboard import TensorBoardLog
+from replic.engine.weight_rule import RuleSource, apply_weights, load_or_compute, weight_rule_applies
 from replic.methods import MethodStep, build_method
 
 log = logging.getLogger("replic.engine")
@@ -115,8 +116,10 @@ class Trainer:
     """One training run into one run directory."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, *, force: bool = False,
-                 resume: bool = False, progress: bool = True) -> None:
+                 resume: bool = False, progress: bool = True, rule_source: RuleSource | None = None) -> None:
         self.cfg = cfg
+        self.rule_source = rule_source
+        self.weight_rule: list[dict[str, Any]] | None = None
         self.paths = RunPaths(run_dir)
         self.force = force
         self.resume_requested = resume
@@ -164,6 +167,7 @@ class Trainer:
         self.criterion = build_loss(cfg).to(self.device)
         self.method.to(self.device)
         self.method.setup(detector, self.criterion, self.device)
+        self._apply_weight_rule()
         self.weights = dict(self.criterion.weight_dict)
         self.collate = None  # the image collate; the feature cache brings its own
         self.cache_info: dict[str, Any] | None = None
@@ -202,7 +206,7 @@ class Trainer:
                 world_size=self.dist.world_size,
                 extra={"config_hash": config_hash(cfg), "device": str(self.device), "inputs": self.inputs,
                        "method": {"name": self.method.name, **self.method.provenance()},
-                       "feature_cache": self.cache_info,
+                       "feature_cache": self.cache_info, "weight_rule": self.weight_rule,
                        "resumed_from": str(self.resume_from) if self.resume_from else None,
                        "resumed_at": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                                       "global_step": self.global_step}},
@@ -241,6 +245,23 @@ class Trainer:
                 logging.getLogger().removeHandler(self.file_log)
                 self.file_log.close()
                 self.file_log = None
+
+    def _apply_weight_rule(self) -> None:
+        """At a non-paper scale, set the method's distillation weights by the rule (docs/weight_rule.md):
+        computed once by the main process into the run directory, read from there by every process
+        and on every resume."""
+        groups = self.method.distillation_weights()
+        if not weight_rule_applies(self.cfg, groups):
+            return
+        if self.dist.is_main:
+            weights = load_or_compute(self.paths.root, self.rule_source, self.cfg, groups)
+        distributed.barrier()
+        if not self.dist.is_main:
+            weights = load_or_compute(self.paths.root, None, self.cfg, groups)
+        apply_weights(self.criterion.weight_dict, groups, weights)
+        self.weight_rule = weights
+        log.info("weight rule (%s): %s", self.cfg.scale,
+                 ", ".join(f"{w['option']} {w['paper_weight']:g} -> {w['weight']:.4g}" for w in weights))
 
     def _use_feature_cache(self, detector: torch.nn.Module) -> None:
         """Train from cached frozen-backbone maps (``train.feature_cache``; same outputs, see the module)."""
@@ -533,6 +554,7 @@ class Trainer:
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, force: bool = False, resume: bool = False,
-          progress: bool = True) -> int:
-    """Train ``cfg`` into ``run_dir``; returns the process exit code."""
-    return Trainer(cfg, run_dir, force=force, resume=resume, progress=progress).run()
+          progress: bool = True, rule_source: RuleSource | None = None) -> int:
+    """Train ``cfg`` into ``run_dir``; returns the process exit code. ``rule_source``: the experiment
+    file the distillation-weight rule reads at a non-paper scale (:mod:`replic.engine.weight_rule`)."""
+    return Trainer(cfg, run_dir, force=force, resume=resume, progress=progress, rule_source=rule_source).run()

@@ -124,6 +124,13 @@ class TrainingMethod(nn.Module):
         """Extra facts recorded in the run's provenance (e.g. a teacher checkpoint's sha256)."""
         return {}
 
+    def distillation_weights(self) -> dict[str, tuple[float, list[str]]]:
+        """After :meth:`setup`: the distillation-weight options the weight rule sets at a non-paper
+        scale (docs/weight_rule.md, :mod:`replic.engine.weight_rule`), as option path -> (its value
+        in the config, the criterion keys it weighs). Default: none (no distillation weight, or the
+        method's ``weight_rule: false``)."""
+        return {}
+
     # ---------------------------------------------------------------- helpers
     def frozen_teacher(self, ckpt: Any, device: torch.device) -> nn.Module:
         """The frozen teacher of checkpoint ``ckpt`` (a ``TeacherCheckpoint``) on ``device``, held as
@@ -146,6 +153,10 @@ class TrainingMethod(nn.Module):
             param.requires_grad_(False)
         self._frozen[name] = module
         return module
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Every module held with :meth:`hold_frozen` (teachers, tokens)."""
+        return list(self._frozen.values())
 
     def frozen(self, name: str) -> nn.Module:
         """A module stored with :meth:`hold_frozen`."""

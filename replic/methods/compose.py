@@ -135,6 +135,13 @@ class ComposedMethod(TrainingMethod):
                 return f"{name}: {reason}"
         return None
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return [module for part in self.parts.values() for module in part.frozen_modules()]
+
+    def distillation_weights(self) -> dict[str, tuple[float, list[str]]]:
+        return {f"method.{name}.{option.removeprefix('method.')}": group
+                for name, part in self.parts.items() for option, group in part.distillation_weights().items()}
+
     def provenance(self) -> dict[str, Any]:
         return {"parts": {name: {"name": name, **part.provenance()} for name, part in self.parts.items()}}
 

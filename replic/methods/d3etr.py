@@ -26,6 +26,7 @@ Loss terms (criterion keys; ``_<l>`` = decoder layer l < L−1, no suffix = last
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,8 @@ from replic.distill.losses import stack_indices
 from replic.methods.base import TrainingMethod
 
 SIGNALS = ("predictions", "self_attn", "cross_attn")
+# A distillation term's criterion key: matching, term (its weight option is <term>_weight), layer.
+_TERM = re.compile(r"d3_(?:ada|fix)_(class|bbox|giou|self_attn|cross_attn)(?:_\d+)?")
 
 
 @dataclass
@@ -81,6 +84,8 @@ class D3ETROptions:
         teacher's predictions (a survey's description, [third-party, unverified]).
     unmatched: student queries without a teacher partner (more student than teacher queries):
         ``ignore`` [inferred] | ``background`` (their class probabilities pushed to 0).
+    weight_rule: at a scale other than the paper's, the five distillation weights come from the
+        weight rule (docs/weight_rule.md); false = as written (the tables' paper-weight rows).
     """
 
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
@@ -101,6 +106,7 @@ class D3ETROptions:
     fixed_reference_points: Literal["student", "teacher"] = "student"
     fixed_group_gt_loss: Literal["none", "teacher_assignment"] = "none"
     unmatched: Literal["ignore", "background"] = "ignore"
+    weight_rule: bool = True
 
     def validate(self) -> None:
         if not self.signals or len(set(self.signals)) != len(self.signals):
@@ -125,6 +131,7 @@ class D3ETR(TrainingMethod):
         self.check_config(cfg, options)  # also when built from a config that skipped validation
         self.matcher = TeacherStudentMatcher(options.cost_class, options.cost_bbox, options.cost_giou)
         self._teacher_ckpt: Any = None
+        self._num_layers: int | None = None  # the student's decoder layers, known at setup
         self._refs: dict[str, Any] = {}  # the criterion, kept out of the module tree
 
     # ------------------------------------------------------------------ inputs
@@ -195,7 +202,8 @@ class D3ETR(TrainingMethod):
         self.frozen_teacher(self._teacher_ckpt, device)
         self._teacher_ckpt.state = {}  # weights now live in the module
         self._refs["criterion"] = criterion
-        criterion.register_loss(self.loss_terms, self.weights(len(model.transformer.decoder.layers)))
+        self._num_layers = len(model.transformer.decoder.layers)
+        criterion.register_loss(self.loss_terms, self.weights(self._num_layers))
 
     def feature_cache_reason(self, model: nn.Module) -> str | None:
         """The cached maps stand in for both models' images only if the teacher's frozen backbone
@@ -260,6 +268,19 @@ class D3ETR(TrainingMethod):
             gt = self._refs_criterion_weights()
             weights.update({f"d3_fix_gt_{k}{sfx}": w for k, w in gt.items() for _, sfx in self._layer_keys(num_layers)})
         return weights
+
+    def distillation_weights(self) -> dict[str, tuple[float, list[str]]]:
+        """The five weight options and their terms (not the auxiliary group's GT terms, which take
+        the criterion's own weights)."""
+        if not self.options.weight_rule or self._num_layers is None:
+            return {}
+        groups: dict[str, tuple[float, list[str]]] = {}
+        for key in self.weights(self._num_layers):
+            found = _TERM.fullmatch(key)
+            if found:
+                option = f"{found[1]}_weight"
+                groups.setdefault(f"method.{option}", (getattr(self.options, option), []))[1].append(key)
+        return groups
 
     def _refs_criterion_weights(self) -> dict[str, float]:
         w = self._refs["criterion"].weight_dict

@@ -362,6 +362,8 @@ class MasKDOptions:
     head_weight: the head term's weight (1 in both official configs).
     init_from_teacher: start the student's neck and heads from the teacher's; unset = as the official
         config (RetinaNet only).
+    weight_rule: at a scale other than the paper's, ``loss_weight`` and ``head_weight`` come from the
+        weight rule (docs/weight_rule.md); false = as written (the tables' paper-weight rows).
     """
 
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
@@ -375,6 +377,7 @@ class MasKDOptions:
     head_distill: bool | None = None
     head_weight: float = 1.0
     init_from_teacher: bool | None = None
+    weight_rule: bool = True
 
     def validate(self) -> None:
         if self.head_weight < 0:
@@ -513,6 +516,14 @@ class MasKD(TrainingMethod):
         if self.head_distill:
             self._head_tap = HeadTap(model, student_arch(self.cfg))
             criterion.register_loss(self._head_term, {"loss_maskd_head": o.head_weight})
+
+    def distillation_weights(self) -> dict[str, tuple[float, list[str]]]:
+        if not self.options.weight_rule or not hasattr(self, "align"):
+            return {}
+        groups = {"method.loss_weight": (self.options.loss_weight, ["loss_maskd"])}
+        if self._head_tap is not None:
+            groups["method.head_weight"] = (self.options.head_weight, ["loss_maskd_head"])
+        return groups
 
     def model_inputs(self, model: nn.Module, images: Tensor, mask: Tensor,
                      targets: list[dict[str, Tensor]]) -> dict[str, Any]:

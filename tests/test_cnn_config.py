@@ -22,7 +22,8 @@ ARCH = {"frcnn": "faster_rcnn", "retinanet": "retinanet", "fcos": "fcos"}
 
 
 def test_there_is_an_r50_and_r101_2x_experiment_per_detector():
-    assert {p.stem for p in CNN} == {f"{d}_{b}_24ep" for d in ARCH for b in ("r50", "r101")}
+    # (Beside them, variants <detector>_r50_24ep_<what> that differ at mini only: same paper recipe.)
+    assert {p.stem for p in CNN if p.stem.count("_") == 2} == {f"{d}_{b}_24ep" for d in ARCH for b in ("r50", "r101")}
 
 
 @pytest.mark.parametrize("path", CNN, ids=lambda p: p.stem)

@@ -81,7 +81,8 @@ def test_each_weight_is_the_paper_weight_times_its_null_run_ratio(setup):
     paper = {"class": 1.0, "bbox": 5.0, "giou": 2.0, "self_attn": 1.0e4, "cross_attn": 1.0e3}
     for w in weights:
         assert w.paper_weight == paper[w.option.removeprefix("method.").removesuffix("_weight")]
-        assert w.weight == pytest.approx(w.paper_weight * w.paper_size / w.scale_size, rel=1e-12)
+        exact = w.paper_weight * w.paper_size / w.scale_size
+        assert w.weight == weight_rule.round_significant(exact, 3) and w.weight == pytest.approx(exact, rel=5e-3)
     by = {w.option: w for w in weights}
     # Self-attention rows over 10 queries at paper size vs 6 at the scale: the MSE of rows that sum
     # to 1 is smaller over more keys, so the scale's weight is below the paper's.
@@ -221,3 +222,9 @@ def test_each_option_sets_every_criterion_key_it_weighs_and_a_missing_one_is_an_
     assert weight_dict == {"loss_ce": 2.0, "d3_ada_self_attn": 280.0, "d3_fix_self_attn_0": 280.0, "loss_maskd": 53.0}
     with pytest.raises(ValueError, match="method.maskd.loss_weight"):
         apply_weights(weight_dict, groups, [{"option": "method.d3etr.self_attn_weight", "weight": 1.0}])
+
+
+@pytest.mark.parametrize("value, expected", [(279.9534, 280.0), (3.2463, 3.25), (0.74106, 0.741), (8.6428, 8.64),
+                                             (53.27, 53.3), (6773906621.4, 6.77e9), (0.0, 0.0), (-0.012345, -0.0123)])
+def test_weights_keep_three_significant_figures(value, expected):
+    assert weight_rule.round_significant(value, 3) == expected

@@ -4,7 +4,7 @@ A distillation term's size can depend on the problem's size by construction (an 
 over K keys goes as 1/K²), so a weight tuned on COCO can swamp or vanish at a small scale. The
 rule, fixed before any run used it: at a non-paper scale each distillation weight is
 
-    w_S = w_paper · mean L_paper⁰ / mean L_S⁰
+    w_S = w_paper · mean L_paper⁰ / mean L_S⁰        (kept to 3 significant figures)
 
 where L⁰ are the unweighted terms that weight multiplies, measured on a **null run**: student and
 teacher freshly initialised (student from the run's seed, teacher from seed + 1, backbones random
@@ -35,7 +35,10 @@ import torch
 from replic.config import ConfigError, deep_merge, to_dict
 
 RULE_FILE = "weight_rule.json"
-RULE_VERSION = 1
+RULE_VERSION = 2
+# The weight keeps 3 significant figures: a null run in float32 differs between CPUs and thread
+# counts in the 7th digit, which must not make two machines train with different weights.
+SIGNIFICANT_FIGURES = 3
 # Images of the first batch the null run forwards: the terms are means over pairs, positions and
 # images, so two images give their size; a paper-sized forward of two R101/R50 pairs stays cheap.
 NULL_RUN_IMAGES = 2
@@ -70,7 +73,7 @@ class RuleWeight:
 
     @property
     def weight(self) -> float:
-        return self.paper_weight * self.ratio
+        return round_significant(self.paper_weight * self.ratio, SIGNIFICANT_FIGURES)
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "ratio": self.ratio, "weight": self.weight}
@@ -80,6 +83,13 @@ class RuleWeight:
 # pipeline check of models that do not learn, where a paper-sized null run (~1 CPU-minute a
 # distilled run) would only slow CI; every other scale (mini, a custom overlay) takes the rule.
 EXEMPT_SCALES = ("paper", "smoke")
+
+
+def round_significant(value: float, figures: int) -> float:
+    """``value`` rounded to ``figures`` significant figures (0 stays 0)."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, figures - 1 - math.floor(math.log10(abs(value))))
 
 
 def weight_rule_applies(cfg: Any, groups: dict[str, tuple[float, list[str]]]) -> bool:

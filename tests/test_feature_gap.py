@@ -8,7 +8,17 @@ import torch
 
 from replic.eval.feature_gap import feature_gap, unexplained_share
 from replic.models.cnn.build import build_model
-from test_cnn_models import batch_of_two, tiny
+from replic.data.collate import collate_fn
+from test_cnn_models import tiny
+
+
+def _images(seed: int, count: int = 4, size: int = 384):
+    """Random images large enough that every FPN level (P7 at stride 128) has more positions than
+    channels to fit."""
+    gen = torch.Generator().manual_seed(seed)
+    target = {"boxes": torch.tensor([[0.5, 0.5, 0.4, 0.5]]), "labels": torch.tensor([1]),
+              "size": torch.tensor([size, size]), "orig_size": torch.tensor([size, size]), "image_id": torch.tensor(0)}
+    return collate_fn([(torch.randn(3, size, size, generator=gen), dict(target)) for _ in range(count)])
 
 
 def test_an_exact_affine_map_leaves_nothing_and_noise_leaves_everything():
@@ -26,7 +36,7 @@ def test_a_student_equal_to_its_teacher_expresses_every_teacher_level():
     torch.manual_seed(0)
     teacher = build_model(tiny("retinanet")).eval()
     student = copy.deepcopy(teacher)
-    batches = [batch_of_two(0), batch_of_two(1)]  # fitted on the first, measured on the second
+    batches = [_images(0), _images(1)]  # fitted on the first, measured on the second
     gap = feature_gap(teacher, student, batches)
     assert len(gap) >= 3  # every FPN level, P6/P7 included
     for level, row in gap.items():

@@ -25,7 +25,8 @@ def test_an_exact_affine_map_leaves_nothing_and_noise_leaves_everything():
     torch.manual_seed(0)
     x = torch.randn(400, 6)
     a, b = torch.randn(6, 3), torch.randn(3)
-    assert unexplained_share(x, x @ a + b, split=200) < 1e-10
+    assert unexplained_share(x, x @ a + b, split=200, ridge=0.0) < 1e-10
+    assert unexplained_share(x, x @ a + b, split=200) < 1e-4  # the default ridge shrinks a little
     noise = torch.randn(400, 3)
     assert 0.9 < unexplained_share(x, noise, split=200) < 1.2  # held out: no better than the mean
     half = x @ a + noise * (x @ a).std(dim=0)  # signal and noise of equal variance per channel
@@ -40,10 +41,9 @@ def test_a_student_equal_to_its_teacher_expresses_every_teacher_level():
     gap = feature_gap(teacher, student, batches)
     assert len(gap) >= 3  # every FPN level, P6/P7 included
     for level, row in gap.items():
-        assert row["student_fpn"] < 1e-6, level
-        assert 0.0 <= row["frozen_backbone"]
+        assert row["unexplained"] < 1e-2, level  # exact up to the ridge's shrinkage
     # A student with other FPN weights no longer expresses the teacher's maps exactly.
     with torch.no_grad():
         for p in student.model.backbone.fpn.parameters():
             p.add_(torch.randn_like(p))
-    assert max(row["student_fpn"] for row in feature_gap(teacher, student, batches).values()) > 1e-3
+    assert max(row["unexplained"] for row in feature_gap(teacher, student, batches).values()) > 5e-2

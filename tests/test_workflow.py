@@ -88,7 +88,7 @@ def test_paper_scale_dag_of_each_table(tmp_path: Path, table: str) -> None:
         "--config", "scale=paper", f"coco_root={coco}",  # --config takes every later argument
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    runs = len(registry().experiments([table]))
+    runs = len(registry().experiments([table], "paper"))
     # One check of the COCO layout, one overlay, one train + one eval per distinct run, one gather.
     assert job_counts(result.stdout) == {
         "check_data": 1, "scale_overlay": 1, "train": runs, "evaluate": runs, "table": 1, "total": 2 * runs + 3,
@@ -105,13 +105,13 @@ def test_paper_scale_dag_of_all_tables_shares_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     reg = registry()
     paper_tables = [name for name, t in reg.tables.items() if not t.test_only]
-    runs = len(reg.experiments(paper_tables))
+    runs = len(reg.experiments(paper_tables, "paper"))
     counts = job_counts(result.stdout)
     from replic.workflow.methods import token_runs
 
     # Each run once, however many tables name it; MasKD token runs (stage 1) are trained once too.
-    tokens = len(token_runs(reg.experiments(paper_tables), REPO / "configs" / "experiments"))
-    assert counts["train"] == runs + tokens and runs < sum(len(reg.experiments([t])) for t in paper_tables)
+    tokens = len(token_runs(reg.experiments(paper_tables, "paper"), REPO / "configs" / "experiments"))
+    assert counts["train"] == runs + tokens and runs < sum(len(reg.experiments([t], "paper")) for t in paper_tables)
     assert counts["table"] == len(paper_tables) and counts["all"] == 1
 
 
@@ -229,7 +229,7 @@ def test_default_target_includes_the_figures(tmp_path: Path) -> None:
     counts = job_counts(result.stdout)
     from replic.workflow.methods import experiments_of_family, token_runs
 
-    experiments = registry().experiments([n for n, t in registry().tables.items() if not t.test_only])
+    experiments = registry().experiments([n for n, t in registry().tables.items() if not t.test_only], "smoke")
     exp_dir = REPO / "configs" / "experiments"
     # Attention figures for every DETR-family run; training also for the CNN runs and MasKD's token runs.
     assert counts["viz_extremity"] == counts["viz_attention"] == len(experiments_of_family(experiments, exp_dir, "detr"))
